@@ -1,0 +1,1 @@
+"""INT8 calibration: data sources, explicit Q/DQ, sensitivity and accuracy reports (see DESIGN.md)."""
