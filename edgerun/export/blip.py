@@ -1,0 +1,244 @@
+"""BLIP's captioning model as the three graphs the runtime runs.
+
+- `vision`: pixel_values (batch, 3, H, W) -> image_embeds (batch, patches, d_vision)
+- `cross_kv`: image_embeds -> cross_key, cross_value (layers, batch, heads, patches, head_dim),
+  computed once per image; every beam of that image reads the same copy.
+- `decoder`: ONE step graph with an explicit self-attention past (empty on the first call), so the
+  decoder weights and the tied embedding / LM head are stored once. The past is time-major,
+  (past_len, layers, rows, heads, head_dim), so that the runtime's preallocated cache passes a
+  contiguous prefix and writes each step's new K/V in place.
+
+The decoder re-states BLIP's text layers with the module's own weights instead of calling its
+forward: transformers' cache objects do not trace, and the beams' broadcast over one cross-K/V copy
+is not something the HF code does. Parity against the HF forward is checked at export.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class BlipVisionGraph(nn.Module):
+    def __init__(self, vision_model: nn.Module):
+        super().__init__()
+        self.vision_model = vision_model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+
+
+class BlipCrossKVGraph(nn.Module):
+    """image_embeds (B, N, Dv) -> cross_key, cross_value, each (L, B, H, N, hd)."""
+
+    def __init__(self, text_lm: nn.Module):
+        super().__init__()
+        self.attn = nn.ModuleList(layer.crossattention.self for layer in text_lm.bert.encoder.layer)
+        self.n_heads = text_lm.config.num_attention_heads
+
+    def forward(self, image_embeds: torch.Tensor):
+        b, n, _ = image_embeds.shape
+        keys, values = [], []
+        for a in self.attn:
+            keys.append(a.key(image_embeds).view(b, n, self.n_heads, -1).transpose(1, 2))
+            values.append(a.value(image_embeds).view(b, n, self.n_heads, -1).transpose(1, 2))
+        return torch.stack(keys), torch.stack(values)
+
+
+class BlipDecoderGraph(nn.Module):
+    """One decoder call over the tokens the cache has not seen.
+
+    input_ids : (R, T) int64, R = batch * beams (batch-major)
+    past_key, past_value : (P, L, R, H, hd), P may be 0
+    cross_key, cross_value : (L, B, H, N, hd), one copy per image
+    returns logits (R, V) at the last position, new_key/new_value (T, L, R, H, hd)
+    """
+
+    def __init__(self, text_lm: nn.Module):
+        super().__init__()
+        cfg = text_lm.config
+        self.embeddings = text_lm.bert.embeddings
+        self.layers = text_lm.bert.encoder.layer
+        self.head = text_lm.cls.predictions
+        self.n_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+
+    def forward(self, input_ids, past_key, past_value, cross_key, cross_value):
+        rows, t = input_ids.shape
+        past = past_key.shape[0]
+        positions = torch.arange(t, device=input_ids.device) + past
+        x = self.embeddings.word_embeddings(input_ids) + self.embeddings.position_embeddings(positions)[None]
+        x = self.embeddings.LayerNorm(x)
+        keys = torch.arange(t, device=input_ids.device)[None, :] + past
+        future = torch.arange(past + t, device=input_ids.device)[None, :] > keys.transpose(0, 1)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = self._self_attention(layer.attention, x, past_key[:, i], past_value[:, i], future)
+            new_keys.append(k)
+            new_values.append(v)
+            x = self._cross_attention(layer.crossattention, x, cross_key[i], cross_value[i])
+            x = layer.output(layer.intermediate(x), x)
+        h = self.head.transform(x[:, -1])
+        # F.linear on a 2-D input exports as Gemm(transB=1): the embedding matrix is stored once.
+        logits = F.linear(h, self.head.decoder.weight, self.head.decoder.bias)
+        return logits, torch.stack(new_keys).permute(3, 0, 1, 2, 4), torch.stack(new_values).permute(3, 0, 1, 2, 4)
+
+    def _heads(self, x):
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
+
+    def _self_attention(self, attention, x, past_k, past_v, future):
+        a = attention.self
+        q, k, v = self._heads(a.query(x)), self._heads(a.key(x)), self._heads(a.value(x))
+        keys = torch.cat([past_k.permute(1, 2, 0, 3), k], dim=2)
+        values = torch.cat([past_v.permute(1, 2, 0, 3), v], dim=2)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(future, float("-inf"))
+        ctx = torch.matmul(scores.softmax(dim=-1), values)
+        ctx = ctx.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return attention.output(ctx, x), k, v
+
+    def _cross_attention(self, attention, x, cross_k, cross_v):
+        rows, t, _ = x.shape
+        batch = cross_k.shape[0]
+        # (R, T, D) -> (B, H, beams * T, hd): the beams of one image share its K/V.
+        q = attention.self.query(x).view(batch, -1, t, self.n_heads, self.head_dim)
+        q = q.permute(0, 3, 1, 2, 4).reshape(batch, self.n_heads, -1, self.head_dim)
+        scores = torch.matmul(q, cross_k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        ctx = torch.matmul(scores.softmax(dim=-1), cross_v)
+        ctx = ctx.view(batch, self.n_heads, -1, t, self.head_dim).permute(0, 2, 3, 1, 4)
+        return attention.output(ctx.reshape(rows, t, -1), x)
+
+
+def decoder_dims(text_config) -> dict:
+    """The cache layout the runtime needs, recorded in the manifest."""
+    return {
+        "layout": "time,layer,row,head,dim",
+        "layers": text_config.num_hidden_layers,
+        "heads": text_config.num_attention_heads,
+        "head_dim": text_config.hidden_size // text_config.num_attention_heads,
+        "max_positions": text_config.max_position_embeddings,
+    }
+
+
+class BlipCaptionExporter:
+    """Graph specs, parity cases and manifest entries for `BlipForConditionalGeneration`."""
+
+    task = "caption"
+
+    def __init__(self, model):
+        self.model = model
+        self.text_lm = model.text_decoder
+        self.text_cfg = model.config.text_config
+        size = model.config.vision_config.image_size
+        self.image_hw = (size, size) if isinstance(size, int) else tuple(size)
+        self.vision = BlipVisionGraph(model.vision_model).eval()
+        self.cross_kv = BlipCrossKVGraph(self.text_lm).eval()
+        self.decoder = BlipDecoderGraph(self.text_lm).eval()
+        self.dims = decoder_dims(self.text_cfg)
+
+    def _pixels(self, batch: int, seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn((batch, 3, *self.image_hw), generator=gen)
+
+    def _past(self, past: int, rows: int, seed: int) -> torch.Tensor:
+        d = self.dims
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn((past, d["layers"], rows, d["heads"], d["head_dim"]), generator=gen)
+
+    def graphs(self) -> list:
+        from .onnx import GraphSpec
+
+        # Trace with every dynamic dim >= 2 so that nothing is specialised to 0 or 1.
+        with torch.no_grad():
+            embeds = self.vision(self._pixels(2, 0))
+            ck, cv = self.cross_kv(embeds)
+        ids = torch.randint(0, self.text_cfg.vocab_size, (4, 2))
+        return [
+            GraphSpec("vision", self.vision, (self._pixels(2, 0),), ["pixel_values"], ["image_embeds"],
+                      {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
+            GraphSpec("cross_kv", self.cross_kv, (embeds,), ["image_embeds"], ["cross_key", "cross_value"],
+                      {"image_embeds": {0: "batch"}, "cross_key": {1: "batch"}, "cross_value": {1: "batch"}}),
+            GraphSpec("decoder", self.decoder, (ids, self._past(3, 4, 1), self._past(3, 4, 2), ck, cv),
+                      ["input_ids", "past_key", "past_value", "cross_key", "cross_value"],
+                      ["logits", "new_key", "new_value"],
+                      {"input_ids": {0: "rows", 1: "new"},
+                       "past_key": {0: "past", 2: "rows"}, "past_value": {0: "past", 2: "rows"},
+                       "cross_key": {1: "batch"}, "cross_value": {1: "batch"},
+                       "logits": {0: "rows"}, "new_key": {0: "new", 2: "rows"},
+                       "new_value": {0: "new", 2: "rows"}}),
+        ]
+
+    def verify(self, run, atol: float | None) -> dict[str, float]:
+        """Run the ONNX graphs (`run(name, feeds) -> outputs`) on shapes other than the trace's and
+        compare with the HF model's own forward. Returns the max abs diff per graph."""
+        import numpy as np
+
+        from .onnx import compare
+
+        def tol(ref):
+            return atol if atol is not None else max(1e-3, 1e-4 * float(np.abs(ref).max()))
+
+        diffs = {"vision": 0.0, "cross_kv": 0.0, "decoder": 0.0}
+        for batch, beams, prompt_len in ((1, 3, 3), (3, 1, 1)):
+            pixels = self._pixels(batch, 10 + batch)
+            with torch.no_grad():
+                ref = self.model.vision_model(pixel_values=pixels).last_hidden_state
+            got = run("vision", {"pixel_values": pixels.numpy()})
+            ref_np = {"image_embeds": ref.numpy()}
+            diffs["vision"] = max(diffs["vision"], compare("vision", got, ref_np, tol(ref_np["image_embeds"])))
+            embeds = got["image_embeds"]
+            kv = run("cross_kv", {"image_embeds": embeds})
+            with torch.no_grad():
+                ck, cv = self.cross_kv(torch.from_numpy(embeds))
+            want = {"cross_key": ck.numpy(), "cross_value": cv.numpy()}
+            diffs["cross_kv"] = max(diffs["cross_kv"], compare("cross_kv", kv, want, tol(want["cross_key"])))
+            diffs["decoder"] = max(diffs["decoder"], self._verify_decoder(run, kv, embeds, batch, beams, prompt_len, tol))
+        return diffs
+
+    def _verify_decoder(self, run, kv, embeds, batch, beams, prompt_len, tol) -> float:
+        """Prompt in one call on an empty past, then single steps, against HF's full forward."""
+        import numpy as np
+
+        from .onnx import compare
+
+        rows = batch * beams
+        gen = np.random.default_rng(batch * 10 + beams)
+        seq = gen.integers(0, self.text_cfg.vocab_size, (rows, prompt_len + 4))
+        seq[:, 0] = self.text_cfg.bos_token_id
+        d = self.dims
+        past_k = np.zeros((0, d["layers"], rows, d["heads"], d["head_dim"]), np.float32)
+        past_v = past_k.copy()
+        worst, start = 0.0, 0
+        with torch.no_grad():
+            hf = self.text_lm(input_ids=torch.from_numpy(seq),
+                              encoder_hidden_states=torch.from_numpy(embeds).repeat_interleave(beams, 0))
+        full = hf.logits.numpy()
+        for end in range(prompt_len, seq.shape[1] + 1):
+            out = run("decoder", {"input_ids": seq[:, start:end].astype(np.int64), "past_key": past_k,
+                                  "past_value": past_v, **kv})
+            want = {"logits": full[:, end - 1]}
+            worst = max(worst, compare("decoder", {"logits": out["logits"]}, want, tol(want["logits"])))
+            past_k = np.concatenate([past_k, out["new_key"]])
+            past_v = np.concatenate([past_v, out["new_value"]])
+            start = end
+        return worst
+
+    def manifest_parts(self, tokenizer) -> dict:
+        cfg = self.text_cfg
+        return {
+            "tasks": {"caption": {"modules": ["vision", "cross_kv", "decoder"]}},
+            "module_extra": {"decoder": {"cache": self.dims, "role": "decoder"},
+                             "cross_kv": {"role": "cross_kv"}, "vision": {"role": "image_encoder"}},
+            "decoding": {
+                "decoder_start_ids": [cfg.bos_token_id],
+                "stop_ids": [cfg.sep_token_id],
+                "pad_id": cfg.pad_token_id,
+                # BLIP prompts ("a picture of") are tokenised without [CLS]/[SEP] after the start ids.
+                "prompt_add_special_tokens": False,
+            },
+            "model": {"family": "blip", "architecture": "BlipForConditionalGeneration",
+                      "image_size": list(self.image_hw), "vocab_size": cfg.vocab_size,
+                      "max_positions": cfg.max_position_embeddings},
+        }

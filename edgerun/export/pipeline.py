@@ -1,0 +1,103 @@
+"""`edge-run export`: source -> graphs -> parity check -> bundle, written atomically.
+
+Nothing is written at the destination until every graph has been exported and checked against
+torch; a failure at any step leaves no bundle (the temporary directory is removed).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..bundle import BundleWriter
+from ..manifest import Manifest, ModuleSpec, TaskSpec
+from ..runtime.onnxrt import OnnxRuntimeRunner
+from ..runtime.preprocess import PreprocessConfig
+from . import hf
+from .onnx import EXTERNAL_DATA_BYTES, export_graph, io_specs
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    seconds: float
+    max_abs_diff: dict[str, float]
+    bundle_bytes: int
+    source_bytes: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _exporter(architecture: str, task: str, model):
+    from .blip import BlipCaptionExporter
+
+    table = {("BlipForConditionalGeneration", "caption"): BlipCaptionExporter}
+    return table[(architecture, task)](model)
+
+
+def _source_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.is_file() and p.suffix in (".safetensors", ".bin"))
+
+
+def export(source: str, *, task: str, output: str | Path, opset: int = 17, revision: str | None = None,
+           overwrite: bool = False, atol: float | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
+           progress: Callable[[str], None] = lambda msg: None) -> ExportReport:
+    """Export `source` (hf:NAME_OR_DIR) for `task` into the bundle directory `output`."""
+    if not isinstance(opset, int) or not 14 <= opset <= 21:
+        from ..errors import OptionError
+
+        raise OptionError(f"opset must be between 14 and 21 (17 is the default), got {opset!r}")
+    start = time.perf_counter()
+    stages: dict[str, float] = {}
+    ckpt = hf.resolve(source, revision)
+    hf.check_task(ckpt, task)
+    progress(f"loading {ckpt.architecture} from {ckpt.folder}")
+    t = time.perf_counter()
+    model = hf.load_model(ckpt)
+    preprocess = PreprocessConfig.from_hf(ckpt.folder)
+    exporter = _exporter(ckpt.architecture, task, model)
+    stages["load"] = time.perf_counter() - t
+    with BundleWriter(output, overwrite=overwrite) as writer:
+        t = time.perf_counter()
+        specs = exporter.graphs()
+        for spec in specs:
+            progress(f"exporting {spec.name}")
+            export_graph(spec, writer.dir / f"{spec.name}.onnx", opset=opset,
+                         external_data_bytes=external_data_bytes)
+        stages["export"] = time.perf_counter() - t
+        t = time.perf_counter()
+        progress("checking every graph against torch on new shapes")
+        runners = {s.name: OnnxRuntimeRunner(writer.dir / f"{s.name}.onnx") for s in specs}
+        diffs = exporter.verify(lambda name, feeds: runners[name].infer(feeds), atol)
+        del runners
+        stages["verify"] = time.perf_counter() - t
+        progress("parity: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+        tokenizer = hf.save_tokenizer(ckpt, writer.dir / "tokenizer.json")
+        parts = exporter.manifest_parts(tokenizer)
+        modules = {}
+        for spec in specs:
+            inputs, outputs = io_specs(writer.dir / f"{spec.name}.onnx")
+            modules[spec.name] = ModuleSpec(file=f"{spec.name}.onnx", inputs=inputs, outputs=outputs,
+                                            precision="fp32", backends=("cpu", "cuda", "ort-trt"),
+                                            extra={**parts["module_extra"].get(spec.name, {}),
+                                                   "max_abs_diff": diffs.get(spec.name)})
+        decoding = {**parts["decoding"], "generation": hf.generation_defaults(ckpt)}
+        manifest = Manifest(
+            tasks={k: TaskSpec(**v) for k, v in parts["tasks"].items()},
+            modules=modules,
+            preprocess=preprocess.to_dict(),
+            tokenizer={"file": "tokenizer.json"},
+            decoding=decoding,
+            model=parts["model"],
+            provenance={
+                "source": source, "revision": ckpt.revision, "folder": str(ckpt.folder),
+                "opset": opset, "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "libraries": hf.library_versions(),
+            },
+        )
+        path = writer.commit(manifest)
+    bundle_bytes = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    return ExportReport(Path(path), time.perf_counter() - start, diffs, bundle_bytes, _source_bytes(ckpt.folder),
+                        stages)

@@ -1,0 +1,44 @@
+"""The decoder graph with its self-attention cache, as the decoding loop's `Inference`.
+
+The cache is preallocated for the whole generation, time-major (time, layer, row, head, dim), so
+that the past fed to each step is a contiguous prefix (no copy) and each step's new K/V are written
+in place. Beam reordering is one gather into a second preallocated buffer, then a swap. The
+cross-attention K/V stay one copy per image; the graph broadcasts the beams' queries over it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class DecoderInference:
+    def __init__(self, runner, cross_key: np.ndarray, cross_value: np.ndarray, rows: int, capacity: int,
+                 dims: dict):
+        shape = (capacity, dims["layers"], rows, dims["heads"], dims["head_dim"])
+        self.runner = runner
+        self.cross = {"cross_key": cross_key, "cross_value": cross_value}
+        self._key, self._value = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        self._spare_key, self._spare_value = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        self.length = 0
+        self.capacity = capacity
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens : (rows, new) int64 -> logits (rows, vocab) float32 at the last position."""
+        past, new = self.length, tokens.shape[1]
+        assert past + new <= self.capacity, "cache capacity is sized for the whole generation"
+        out = self.runner.infer({"input_ids": np.ascontiguousarray(tokens, dtype=np.int64),
+                                 "past_key": self._key[:past], "past_value": self._value[:past],
+                                 **self.cross}, check=False)
+        self._key[past:past + new] = out["new_key"]
+        self._value[past:past + new] = out["new_value"]
+        self.length = past + new
+        return out["logits"]
+
+    def rearrange_kv_cache(self, source_indices: np.ndarray) -> None:
+        n = self.length
+        np.take(self._key[:n], source_indices, axis=2, out=self._spare_key[:n])
+        np.take(self._value[:n], source_indices, axis=2, out=self._spare_value[:n])
+        self._key, self._spare_key = self._spare_key, self._key
+        self._value, self._spare_value = self._spare_value, self._value
+
+    def cleanup_caching(self) -> None:
+        self.length = 0

@@ -1,0 +1,121 @@
+"""onnxruntime behind the runner interface every backend shares.
+
+A runner checks feeds once (names, dtypes, ranks, fixed dims) and then only runs; each backend
+writes `_infer_impl`. Every runner records the time of its last and all its calls, so `bench`
+times every backend alike.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError, InputError, OptionError
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+BACKENDS = ("cpu", "cuda", "ort-trt")
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "ort-trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    name: str
+    dtype: type
+    shape: tuple  # ints for fixed dims, str or None for symbolic ones
+
+
+def default_threads() -> int:
+    """Physical-ish core count: onnxruntime's pool gains nothing from SMT siblings on small boards."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(threads: int | None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or default_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Spinning workers of several sessions steal the few cores from each other (FACTS.md).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+class OnnxRuntimeRunner:
+    """One ONNX file in one onnxruntime session."""
+
+    def __init__(self, path: str | Path, *, backend: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        if backend not in _PROVIDERS:
+            raise OptionError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        available = ort.get_available_providers()
+        wanted = _PROVIDERS[backend][0]
+        if wanted not in available:
+            raise OptionError(
+                f"backend {backend!r} needs onnxruntime's {wanted}, which this onnxruntime lacks "
+                f"(available: {', '.join(available)}); install it with: pip install 'edge-run[gpu]'")
+        self.path = Path(path)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), session_options(threads),
+                providers=[p for p in _PROVIDERS[backend] if p in available])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise BundleError(f"{self.path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from exc
+        self.inputs = [self._spec(i) for i in self.session.get_inputs()]
+        self.outputs = [self._spec(o) for o in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+        self.last_time = 0.0
+        self.total_time = 0.0
+        self.calls = 0
+
+    @staticmethod
+    def _spec(arg) -> IOSpec:
+        return IOSpec(arg.name, _ORT_DTYPES.get(arg.type, np.float32), tuple(arg.shape))
+
+    def check(self, feeds: dict) -> None:
+        """Names, dtypes, ranks and fixed dims of `feeds`; InputError says which and what was expected."""
+        names = {i.name for i in self.inputs}
+        if set(feeds) != names:
+            raise InputError(f"{self.path.name}: inputs {sorted(feeds)} given, expected {sorted(names)}")
+        for spec in self.inputs:
+            arr = feeds[spec.name]
+            if arr.dtype != spec.dtype or arr.ndim != len(spec.shape):
+                raise InputError(
+                    f"{self.path.name}: input {spec.name} is {arr.dtype}{list(arr.shape)}, expected "
+                    f"{np.dtype(spec.dtype)} of shape {list(spec.shape)}")
+            for got, want in zip(arr.shape, spec.shape):
+                if isinstance(want, int) and got != want:
+                    raise InputError(
+                        f"{self.path.name}: input {spec.name} has shape {list(arr.shape)}, expected {list(spec.shape)}")
+
+    def infer(self, feeds: dict, *, check: bool = True) -> dict:
+        if check:
+            self.check(feeds)
+        start = time.perf_counter()
+        out = self._infer_impl(feeds)
+        self.last_time = time.perf_counter() - start
+        self.total_time += self.last_time
+        self.calls += 1
+        return out
+
+    def _infer_impl(self, feeds: dict) -> dict:
+        return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
