@@ -19,3 +19,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path_factory, monkeypatch):
+    """Keep bundle-verification caches out of the user's home."""
+    monkeypatch.setenv("EDGERUN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "edgerun-cache"))
+
+
+@pytest.fixture(scope="session")
+def blip_checkpoint(tmp_path_factory):
+    """A tiny random BLIP captioner with peaky logits and a bias towards [SEP], so beams finish early."""
+    from edgerun.models.tiny import save_blip_caption
+
+    return save_blip_caption(tmp_path_factory.mktemp("ckpt") / "tiny-blip", init_std=0.5, stop_bias=2.5, seed=3)
+
+
+@pytest.fixture(scope="session")
+def blip_bundle(blip_checkpoint, tmp_path_factory):
+    """The tiny BLIP exported once per test session."""
+    from edgerun.export.pipeline import export
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-blip-caption"
+    return export(f"hf:{blip_checkpoint}", task="caption", output=out).path
+
+
+@pytest.fixture(scope="session")
+def blip_torch(blip_checkpoint):
+    import torch
+    from transformers import BlipForConditionalGeneration
+
+    torch.set_num_threads(1)
+    return BlipForConditionalGeneration.from_pretrained(blip_checkpoint).eval()

@@ -80,9 +80,13 @@ def _download(name: str, revision: str | None) -> Path:
     return Path(path)
 
 
-def check_task(ckpt: HFCheckpoint, task: str) -> None:
+def check_task_name(task: str) -> None:
     if task not in TASKS:
         raise OptionError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
+
+
+def check_task(ckpt: HFCheckpoint, task: str) -> None:
+    check_task_name(task)
     arch = ckpt.architecture
     if arch not in SUPPORTED:
         raise UnsupportedModelError(f"architecture {arch} is not supported; supported: {supported_list()}")

@@ -51,6 +51,7 @@ def export(source: str, *, task: str, output: str | Path, opset: int = 17, revis
         raise OptionError(f"opset must be between 14 and 21 (17 is the default), got {opset!r}")
     start = time.perf_counter()
     stages: dict[str, float] = {}
+    hf.check_task_name(task)
     ckpt = hf.resolve(source, revision)
     hf.check_task(ckpt, task)
     progress(f"loading {ckpt.architecture} from {ckpt.folder}")

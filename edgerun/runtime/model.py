@@ -1,0 +1,186 @@
+"""`edgerun.load(BUNDLE)`: the model object users call, built from the manifest alone."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import open_bundle
+from ..errors import InputError, OptionError
+from .decoding import DecodingOptions, decode
+from .image import load_image
+from .kvcache import DecoderInference
+from .onnxrt import OnnxRuntimeRunner
+from .preprocess import PreprocessConfig, preprocess
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    token_ids: list[int]  # as generate() returns the sequence, prompt included, padding removed
+    score: float  # generate()'s sequence score (length penalty applied); greedy: sum of log-probs
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    token_ids: list[int]
+    score: float
+
+
+_OPTION_NAMES = tuple(f.name for f in dataclasses.fields(DecodingOptions))
+
+
+class Model:
+    """A loaded bundle. Sessions are created on first use, one per module, and reused."""
+
+    def __init__(self, path: str | Path, *, backend: str = "cpu", threads: int | None = None,
+                 verify: str = "cached"):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise OptionError(f"threads must be a positive integer or None (all cores), got {threads!r}")
+        self.bundle = open_bundle(path, verify=verify)
+        self.manifest = self.bundle.manifest
+        self.backend = backend
+        self.threads = threads
+        self.preprocess_config = PreprocessConfig.from_dict(self.manifest.preprocess)
+        self.tokenizer = Tokenizer(self.bundle.file(self.manifest.tokenizer["file"]))
+        self._runners: dict[str, OnnxRuntimeRunner] = {}
+        self.last_timings: dict[str, float] = {}
+        if backend not in ("cpu", "cuda", "ort-trt"):
+            raise OptionError(f"unknown backend {backend!r}; valid: cpu, cuda, ort-trt")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.manifest.tasks)
+
+    def runner(self, module: str) -> OnnxRuntimeRunner:
+        if module not in self._runners:
+            spec = self.bundle.module(module)
+            self._runners[module] = OnnxRuntimeRunner(self.bundle.file(spec.file), backend=self.backend,
+                                                      threads=self.threads)
+        return self._runners[module]
+
+    # -- options -------------------------------------------------------------------------------
+
+    def decoding_options(self, prompt_len: int, **overrides) -> DecodingOptions:
+        """Bundle defaults (HF generation config) overridden by keyword options; misspelt ones raise."""
+        unknown = sorted(set(overrides) - set(_OPTION_NAMES))
+        if unknown:
+            raise OptionError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(_OPTION_NAMES)}")
+        gen = dict(self.manifest.decoding.get("generation", {}))
+        base = {k: gen[k] for k in _OPTION_NAMES if k in gen}
+        if "max_new_tokens" not in base and "max_length" in gen:
+            base["max_new_tokens"] = max(1, gen["max_length"] - prompt_len)
+        if "min_new_tokens" not in base and gen.get("min_length"):
+            base["min_new_tokens"] = max(0, gen["min_length"] - prompt_len)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        if "min_new_tokens" in base and "max_new_tokens" in base and "min_new_tokens" not in overrides:
+            base["min_new_tokens"] = min(base["min_new_tokens"], base["max_new_tokens"])
+        options = DecodingOptions(**base)
+        limit = self.manifest.model.get("max_positions")
+        if limit and prompt_len + options.max_new_tokens > limit:
+            raise OptionError(f"prompt ({prompt_len} tokens) + max_new_tokens ({options.max_new_tokens}) "
+                              f"exceeds the model's {limit} positions")
+        return options
+
+    # -- images --------------------------------------------------------------------------------
+
+    def pixel_values(self, images: Sequence) -> np.ndarray:
+        """Images (paths, bytes or arrays, RGB) -> preprocessed (n, 3, H, W) float32."""
+        return preprocess([load_image(im) for im in images], self.preprocess_config)
+
+    def _check_pixels(self, pixel_values) -> np.ndarray:
+        arr = np.asarray(pixel_values)
+        want = self.bundle.module(self.manifest.tasks[self._caption_task()].modules[0]).inputs[0].shape
+        if arr.ndim != 4 or arr.dtype != np.float32 or list(arr.shape[1:]) != list(want[1:]):
+            raise InputError(f"pixel_values must be float32 of shape (n, {', '.join(map(str, want[1:]))}), "
+                             f"got {arr.dtype} {list(arr.shape)}")
+        return np.ascontiguousarray(arr)
+
+    def _caption_task(self) -> str:
+        if "caption" not in self.manifest.tasks:
+            raise OptionError(f"this bundle does not serve captioning; it serves: {', '.join(self.tasks)}")
+        return "caption"
+
+    # -- captioning ----------------------------------------------------------------------------
+
+    def caption(self, image=None, *, pixel_values=None, prompt: str | None = None, **options):
+        """Caption one image (path, bytes, HxWx3 RGB array) or one preprocessed `pixel_values`
+        (1, 3, H, W). Returns a Caption, or a list of them when num_return_sequences > 1."""
+        if (image is None) == (pixel_values is None):
+            raise InputError("give exactly one of image or pixel_values")
+        if pixel_values is not None:
+            pixels = self._check_pixels(pixel_values)
+            if pixels.shape[0] != 1:
+                raise InputError(f"caption() takes a batch of 1; got {pixels.shape[0]} images: "
+                                 "use caption_batch() for more")
+            return self._caption_pixels(pixels, prompt, options, 0.0)[0]
+        return self.caption_batch([image], prompt=prompt, **options)[0]
+
+    def caption_batch(self, images: Sequence | None = None, *, pixel_values=None, prompt: str | None = None,
+                      **options) -> list:
+        """One entry per image (or per row of `pixel_values`, (n, 3, H, W)): a Caption, or a list of
+        them when num_return_sequences > 1."""
+        self._caption_task()
+        if (images is None) == (pixel_values is None):
+            raise InputError("give exactly one of images or pixel_values")
+        if pixel_values is not None:
+            return self._caption_pixels(self._check_pixels(pixel_values), prompt, options, 0.0)
+        if isinstance(images, (str, Path, bytes, np.ndarray)) or len(images) == 0:
+            raise InputError("caption_batch() takes a non-empty list of images")
+        start = time.perf_counter()
+        pixels = self.pixel_values(images)
+        return self._caption_pixels(pixels, prompt, options, time.perf_counter() - start)
+
+    def _prompt_ids(self, prompt: str | None) -> list[int]:
+        ids = list(self.manifest.decoding["decoder_start_ids"])
+        if prompt:
+            if not isinstance(prompt, str):
+                raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+            add = self.manifest.decoding.get("prompt_add_special_tokens", False)
+            ids += self.tokenizer.encode(prompt, add_special_tokens=add)
+        return ids
+
+    def _caption_pixels(self, pixels: np.ndarray, prompt, options: dict, t_pre: float) -> list:
+        self._caption_task()
+        prompt_ids = self._prompt_ids(prompt)
+        opts = self.decoding_options(len(prompt_ids), **options)
+        timings = {"preprocess": t_pre}
+        start = time.perf_counter()
+        embeds = self.runner("vision").infer({"pixel_values": pixels})["image_embeds"]
+        timings["vision"] = time.perf_counter() - start
+        kv = self.runner("cross_kv").infer({"image_embeds": embeds})
+        timings["cross_kv"] = self.runner("cross_kv").last_time
+        hyps = self._decode(kv["cross_key"], kv["cross_value"], np.array([prompt_ids] * len(pixels)), opts,
+                            timings)
+        self.last_timings = timings
+        return [self._results(h, opts, Caption) for h in hyps]
+
+    def _decode(self, cross_key, cross_value, prompt_ids: np.ndarray, opts: DecodingOptions, timings: dict):
+        decoder = self.runner("decoder")
+        dims = self.bundle.module("decoder").extra["cache"]
+        rows = prompt_ids.shape[0] * opts.num_beams
+        inference = DecoderInference(decoder, cross_key, cross_value, rows,
+                                     prompt_ids.shape[1] + opts.max_new_tokens, dims)
+        before, calls = decoder.total_time, decoder.calls
+        start = time.perf_counter()
+        d = self.manifest.decoding
+        hyps = decode(inference, prompt_ids, opts, stop_ids=d["stop_ids"], pad_id=d.get("pad_id"))
+        timings["decode"] = time.perf_counter() - start
+        timings["decoder"] = decoder.total_time - before
+        timings["decoder_calls"] = decoder.calls - calls
+        return hyps
+
+    def _results(self, hyps, opts: DecodingOptions, cls):
+        out = [cls(self.tokenizer.decode(h.token_ids), list(h.token_ids), float(h.score)) for h in hyps]
+        return out if opts.num_return_sequences > 1 else out[0]
+
+
+def load(bundle: str | Path, backend: str = "cpu", threads: int | None = None, *, verify: str = "cached") -> Model:
+    """Open a bundle for inference. `threads=None` uses every core this process may run on."""
+    return Model(bundle, backend=backend, threads=threads, verify=verify)

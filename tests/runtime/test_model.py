@@ -1,0 +1,160 @@
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import edgerun
+from edgerun.errors import BundleError, EdgeRunError, InputError, OptionError
+from edgerun.runtime.onnxrt import OnnxRuntimeRunner
+
+
+@pytest.fixture(scope="module")
+def model(blip_bundle):
+    return edgerun.load(blip_bundle, threads=1)
+
+
+@pytest.fixture(scope="module")
+def photo_path(tmp_path_factory):
+    import cv2
+    from skimage import data
+
+    path = tmp_path_factory.mktemp("img") / "chelsea.png"
+    cv2.imwrite(str(path), cv2.cvtColor(data.chelsea(), cv2.COLOR_RGB2BGR))
+    return path
+
+
+def test_path_array_and_pixel_values_give_the_same_caption(model, photo_path):
+    from skimage import data
+
+    by_path = model.caption(photo_path, num_beams=3, max_new_tokens=8)
+    by_array = model.caption(data.chelsea(), num_beams=3, max_new_tokens=8)
+    pixels = model.pixel_values([data.chelsea()])
+    by_pixels = model.caption(pixel_values=pixels, num_beams=3, max_new_tokens=8)
+    assert by_path == by_array == by_pixels
+    assert isinstance(by_path, edgerun.Caption) and by_path.token_ids[0] == 118
+
+
+def test_caption_matches_hf_generate_on_a_real_photo(model, blip_torch, blip_checkpoint):
+    """The whole path: OpenCV preprocessing + ONNX against BlipImageProcessorPil + generate()."""
+    import torch
+    from PIL import Image
+    from skimage import data
+    from transformers import BlipImageProcessorPil
+
+    proc = BlipImageProcessorPil.from_pretrained(blip_checkpoint)
+    pixels = proc(images=Image.fromarray(data.astronaut()), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        want = blip_torch.generate(pixel_values=pixels, num_beams=3, max_new_tokens=10)[0].tolist()
+    got = model.caption(data.astronaut(), num_beams=3, max_new_tokens=10)
+    stop = want.index(3) + 1 if 3 in want[1:] else len(want)
+    assert got.token_ids == want[:stop]
+
+
+def test_caption_batch_and_return_sequences(model, photo_path):
+    from skimage import data
+
+    out = model.caption_batch([photo_path, data.coffee()], num_beams=3, num_return_sequences=2, max_new_tokens=5)
+    assert len(out) == 2 and all(len(r) == 2 for r in out)
+    assert out[0][0].score >= out[0][1].score
+    single = model.caption(data.coffee(), num_beams=3, max_new_tokens=5)
+    assert out[1][0] == single
+
+
+def test_defaults_come_from_the_generation_config(model):
+    opts = model.decoding_options(1)
+    assert opts.max_new_tokens == 20 and opts.num_beams == 1
+    assert model.decoding_options(1, num_beams=4).num_beams == 4
+
+
+def test_timings_are_recorded(model, photo_path):
+    model.caption(photo_path, num_beams=2, max_new_tokens=4)
+    t = model.last_timings
+    assert t["preprocess"] > 0 and t["vision"] > 0 and t["decoder"] > 0
+    assert t["decoder_calls"] == 4
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"num_beams": 0}, "num_beams must be >= 1, got 0"),
+    ({"max_new_tokens": -1}, "max_new_tokens must be >= 1, got -1"),
+    ({"num_beams": 2, "num_return_sequences": 3}, "num_return_sequences"),
+    ({"early_stopping": "sometimes"}, "early_stopping"),
+    ({"num_beam": 3}, "unknown option.*num_beam; valid: num_beams"),
+    ({"max_new_tokens": 100}, "exceeds the model's 64 positions"),
+])
+def test_bad_options(model, photo_path, options, match):
+    with pytest.raises(OptionError, match=match):
+        model.caption(photo_path, **options)
+
+
+def test_bad_inputs(model, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="missing.png"):
+        model.caption(tmp_path / "missing.png")
+    with pytest.raises(InputError, match="notes.txt"):
+        model.caption(tmp_path / "notes.txt")
+    with pytest.raises(InputError, match="exactly one of image or pixel_values"):
+        model.caption()
+    with pytest.raises(InputError, match=r"pixel_values must be float32 of shape \(n, 3, 32, 32\)"):
+        model.caption(pixel_values=np.zeros((1, 3, 64, 64), np.float32))
+    with pytest.raises(InputError, match="batch of 1"):
+        model.caption(pixel_values=np.zeros((2, 3, 32, 32), np.float32))
+    with pytest.raises(InputError, match="non-empty list"):
+        model.caption_batch([])
+
+
+def test_truncated_image(model, photo_path, tmp_path):
+    data = photo_path.read_bytes()
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.png"):
+        model.caption(cut)
+
+
+def test_bad_backend_and_threads(blip_bundle):
+    with pytest.raises(OptionError, match="unknown backend 'tpu'; valid: cpu, cuda, ort-trt"):
+        edgerun.load(blip_bundle, backend="tpu")
+    with pytest.raises(OptionError, match="threads must be a positive integer"):
+        edgerun.load(blip_bundle, threads=0)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x07garbage that is not protobuf"])
+def test_empty_or_corrupt_onnx_file_is_refused(tmp_path, content):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(content)
+    with pytest.raises(BundleError, match="not a loadable ONNX model"):
+        OnnxRuntimeRunner(path)
+
+
+def test_corrupted_bundle_file_never_runs(blip_bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(blip_bundle, copy)
+    path = copy / "decoder.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="decoder.onnx"):
+        edgerun.load(copy)
+
+
+def test_every_error_is_an_edgerun_error():
+    for cls in (BundleError, InputError, OptionError):
+        assert issubclass(cls, EdgeRunError)
+
+
+def test_runtime_never_imports_torch(blip_bundle, photo_path, tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        import edgerun
+        model = edgerun.load({str(blip_bundle)!r}, threads=1)
+        caption = model.caption({str(photo_path)!r}, num_beams=3, max_new_tokens=5)
+        assert caption.text is not None
+        banned = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'PIL'))
+        print('BANNED', banned)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"EDGERUN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert "BANNED []" in out.stdout
