@@ -17,7 +17,6 @@ Field numbers are those of onnx/onnx.proto:
 """
 from __future__ import annotations
 
-import mmap
 import os
 
 from edgerun.errors import BundleError
@@ -41,6 +40,37 @@ _MAX_DEPTH = 100
 
 class _Malformed(Exception):
     pass
+
+
+class _FileBytes:
+    """Indexable bytes of a file, read through one small window.
+
+    Not mmap: touching a mapped page per tensor header makes the kernel map its neighbourhood
+    too, and a 500 MB model's scan then shows up as ~200 MB of resident memory in the process.
+    """
+
+    WINDOW = 1 << 16
+
+    def __init__(self, fh):
+        self._fh = fh
+        self._start = 0
+        self._data = b""
+
+    def _load(self, pos: int) -> None:
+        self._fh.seek(pos)
+        self._start, self._data = pos, self._fh.read(self.WINDOW)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            self._fh.seek(key.start)
+            return self._fh.read(key.stop - key.start)
+        offset = key - self._start
+        if not 0 <= offset < len(self._data):
+            self._load(key)
+            offset = 0
+        if offset >= len(self._data):
+            raise IndexError(key)
+        return self._data[offset]
 
 
 def _varint(buf, pos: int, end: int) -> tuple[int, int]:
@@ -150,8 +180,7 @@ def external_data_locations(path: str | os.PathLike[str]) -> list[str]:
         size = os.fstat(fh.fileno()).st_size
         if size == 0:
             raise BundleError(f"{bad} (the file has 0 bytes); re-export it")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                return _walk(buf, size)
-            except (_Malformed, UnicodeDecodeError) as exc:
-                raise BundleError(f"{bad} ({exc}); re-export it") from None
+        try:
+            return _walk(_FileBytes(fh), size)
+        except (_Malformed, UnicodeDecodeError) as exc:
+            raise BundleError(f"{bad} ({exc}); re-export it") from None

@@ -1,7 +1,7 @@
 """BLIP's captioning model as the three graphs the runtime runs.
 
 - `vision`: pixel_values (batch, 3, H, W) -> image_embeds (batch, patches, d_vision)
-- `cross_kv`: image_embeds -> cross_key, cross_value (layers, batch, heads, patches, head_dim),
+- `cross_kv`: image_embeds -> cross_key_i, cross_value_i per layer (batch, heads, patches, head_dim),
   computed once per image; every beam of that image reads the same copy.
 - `decoder`: ONE step graph with an explicit self-attention past (empty on the first call), so the
   decoder weights and the tied embedding / LM head are stored once. The past is time-major,
@@ -31,7 +31,10 @@ class BlipVisionGraph(nn.Module):
 
 
 class BlipCrossKVGraph(nn.Module):
-    """image_embeds (B, N, Dv) -> cross_key, cross_value, each (L, B, H, N, hd)."""
+    """image_embeds (B, N, Dv) -> cross_key_0..L-1, cross_value_0..L-1, each (B, H, N, hd).
+
+    One output per layer, not a stacked tensor: the decoder would slice a stacked input per layer,
+    and onnxruntime copies every slice (42 MB per step for BLIP-base)."""
 
     def __init__(self, text_lm: nn.Module):
         super().__init__()
@@ -44,7 +47,7 @@ class BlipCrossKVGraph(nn.Module):
         for a in self.attn:
             keys.append(a.key(image_embeds).view(b, n, self.n_heads, -1).transpose(1, 2))
             values.append(a.value(image_embeds).view(b, n, self.n_heads, -1).transpose(1, 2))
-        return torch.stack(keys), torch.stack(values)
+        return (*keys, *values)
 
 
 class BlipDecoderGraph(nn.Module):
@@ -52,7 +55,7 @@ class BlipDecoderGraph(nn.Module):
 
     input_ids : (R, T) int64, R = batch * beams (batch-major)
     past_key, past_value : (P, L, R, H, hd), P may be 0
-    cross_key, cross_value : (L, B, H, N, hd), one copy per image
+    cross : cross_key_0..L-1 then cross_value_0..L-1, each (B, H, N, hd), one copy per image
     returns logits (R, V) at the last position, new_key/new_value (T, L, R, H, hd)
     """
 
@@ -65,7 +68,8 @@ class BlipDecoderGraph(nn.Module):
         self.n_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
 
-    def forward(self, input_ids, past_key, past_value, cross_key, cross_value):
+    def forward(self, input_ids, past_key, past_value, *cross):
+        n_layers = len(self.layers)
         rows, t = input_ids.shape
         past = past_key.shape[0]
         positions = torch.arange(t, device=input_ids.device) + past
@@ -78,7 +82,7 @@ class BlipDecoderGraph(nn.Module):
             x, k, v = self._self_attention(layer.attention, x, past_key[:, i], past_value[:, i], future)
             new_keys.append(k)
             new_values.append(v)
-            x = self._cross_attention(layer.crossattention, x, cross_key[i], cross_value[i])
+            x = self._cross_attention(layer.crossattention, x, cross[i], cross[n_layers + i])
             x = layer.output(layer.intermediate(x), x)
         h = self.head.transform(x[:, -1])
         # F.linear on a 2-D input exports as Gemm(transB=1): the embedding matrix is stored once.
@@ -109,6 +113,10 @@ class BlipDecoderGraph(nn.Module):
         ctx = torch.matmul(scores.softmax(dim=-1), cross_v)
         ctx = ctx.view(batch, self.n_heads, -1, t, self.head_dim).permute(0, 2, 3, 1, 4)
         return attention.output(ctx.reshape(rows, t, -1), x)
+
+
+def cross_names(n_layers: int) -> list[str]:
+    return [f"cross_key_{i}" for i in range(n_layers)] + [f"cross_value_{i}" for i in range(n_layers)]
 
 
 def decoder_dims(text_config) -> dict:
@@ -153,19 +161,19 @@ class BlipCaptionExporter:
         # Trace with every dynamic dim >= 2 so that nothing is specialised to 0 or 1.
         with torch.no_grad():
             embeds = self.vision(self._pixels(2, 0))
-            ck, cv = self.cross_kv(embeds)
+            cross = self.cross_kv(embeds)
         ids = torch.randint(0, self.text_cfg.vocab_size, (4, 2))
+        names = cross_names(self.dims["layers"])
+        per_image = {name: {0: "batch"} for name in names}
         return [
             GraphSpec("vision", self.vision, (self._pixels(2, 0),), ["pixel_values"], ["image_embeds"],
                       {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
-            GraphSpec("cross_kv", self.cross_kv, (embeds,), ["image_embeds"], ["cross_key", "cross_value"],
-                      {"image_embeds": {0: "batch"}, "cross_key": {1: "batch"}, "cross_value": {1: "batch"}}),
-            GraphSpec("decoder", self.decoder, (ids, self._past(3, 4, 1), self._past(3, 4, 2), ck, cv),
-                      ["input_ids", "past_key", "past_value", "cross_key", "cross_value"],
-                      ["logits", "new_key", "new_value"],
+            GraphSpec("cross_kv", self.cross_kv, (embeds,), ["image_embeds"], names,
+                      {"image_embeds": {0: "batch"}, **per_image}),
+            GraphSpec("decoder", self.decoder, (ids, self._past(3, 4, 1), self._past(3, 4, 2), *cross),
+                      ["input_ids", "past_key", "past_value", *names], ["logits", "new_key", "new_value"],
                       {"input_ids": {0: "rows", 1: "new"},
-                       "past_key": {0: "past", 2: "rows"}, "past_value": {0: "past", 2: "rows"},
-                       "cross_key": {1: "batch"}, "cross_value": {1: "batch"},
+                       "past_key": {0: "past", 2: "rows"}, "past_value": {0: "past", 2: "rows"}, **per_image,
                        "logits": {0: "rows"}, "new_key": {0: "new", 2: "rows"},
                        "new_value": {0: "new", 2: "rows"}}),
         ]
@@ -191,9 +199,9 @@ class BlipCaptionExporter:
             embeds = got["image_embeds"]
             kv = run("cross_kv", {"image_embeds": embeds})
             with torch.no_grad():
-                ck, cv = self.cross_kv(torch.from_numpy(embeds))
-            want = {"cross_key": ck.numpy(), "cross_value": cv.numpy()}
-            diffs["cross_kv"] = max(diffs["cross_kv"], compare("cross_kv", kv, want, tol(want["cross_key"])))
+                cross = self.cross_kv(torch.from_numpy(embeds))
+            want = {name: t.numpy() for name, t in zip(cross_names(self.dims["layers"]), cross)}
+            diffs["cross_kv"] = max(diffs["cross_kv"], compare("cross_kv", kv, want, tol(want["cross_key_0"])))
             diffs["decoder"] = max(diffs["decoder"], self._verify_decoder(run, kv, embeds, batch, beams, prompt_len, tol))
         return diffs
 

@@ -11,11 +11,10 @@ import numpy as np
 
 
 class DecoderInference:
-    def __init__(self, runner, cross_key: np.ndarray, cross_value: np.ndarray, rows: int, capacity: int,
-                 dims: dict):
+    def __init__(self, runner, cross: dict[str, np.ndarray], rows: int, capacity: int, dims: dict):
         shape = (capacity, dims["layers"], rows, dims["heads"], dims["head_dim"])
         self.runner = runner
-        self.cross = {"cross_key": cross_key, "cross_value": cross_value}
+        self.cross = cross  # the cross_kv graph's outputs, fed to every step as they are
         self._key, self._value = np.empty(shape, np.float32), np.empty(shape, np.float32)
         self._spare_key, self._spare_value = np.empty(shape, np.float32), np.empty(shape, np.float32)
         self.length = 0

@@ -156,16 +156,16 @@ class Model:
         timings["vision"] = time.perf_counter() - start
         kv = self.runner("cross_kv").infer({"image_embeds": embeds})
         timings["cross_kv"] = self.runner("cross_kv").last_time
-        hyps = self._decode(kv["cross_key"], kv["cross_value"], np.array([prompt_ids] * len(pixels)), opts,
+        hyps = self._decode(kv, np.array([prompt_ids] * len(pixels)), opts,
                             timings)
         self.last_timings = timings
         return [self._results(h, opts, Caption) for h in hyps]
 
-    def _decode(self, cross_key, cross_value, prompt_ids: np.ndarray, opts: DecodingOptions, timings: dict):
+    def _decode(self, cross: dict, prompt_ids: np.ndarray, opts: DecodingOptions, timings: dict):
         decoder = self.runner("decoder")
         dims = self.bundle.module("decoder").extra["cache"]
         rows = prompt_ids.shape[0] * opts.num_beams
-        inference = DecoderInference(decoder, cross_key, cross_value, rows,
+        inference = DecoderInference(decoder, cross, rows,
                                      prompt_ids.shape[1] + opts.max_new_tokens, dims)
         before, calls = decoder.total_time, decoder.calls
         start = time.perf_counter()

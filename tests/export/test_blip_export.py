@@ -21,9 +21,10 @@ def test_bundle_has_three_graphs_and_no_cache_branches(blip_bundle):
         assert model.opset_import[0].version == 17
         assert not {n.op_type for n in model.graph.node} & {"If", "Loop", "Scan"}
     dec = b.module("decoder")
-    assert [t.name for t in dec.inputs] == ["input_ids", "past_key", "past_value", "cross_key", "cross_value"]
+    assert [t.name for t in dec.inputs] == ["input_ids", "past_key", "past_value", "cross_key_0", "cross_key_1",
+                                            "cross_value_0", "cross_value_1"]
     assert dec.inputs[1].shape[0] == "past" and dec.inputs[1].shape[2] == "rows"
-    assert dec.inputs[3].shape[1] == "batch"  # one cross-K/V copy per image, not per beam
+    assert dec.inputs[3].shape[0] == "batch"  # one cross-K/V copy per image, not per beam
     assert b.manifest.decoding["decoder_start_ids"] == [b.manifest.model["vocab_size"] - 2]  # [DEC]
 
 
@@ -73,10 +74,12 @@ def test_bf16_checkpoint_with_processor_config_and_48px_exports_fp32(variant_dir
     assert model.caption(image, max_new_tokens=4).token_ids[0] == b.manifest.decoding["decoder_start_ids"][0]
 
 
-def test_external_data_bundle_loads_and_matches(blip_checkpoint, blip_bundle, variant_dir):
-    report = export(f"hf:{blip_checkpoint}", task="caption", output=variant_dir / "ext", external_data_bytes=0)
+def test_embedded_weights_bundle_loads_and_matches(blip_checkpoint, blip_bundle, variant_dir):
+    assert open_bundle(blip_bundle).module("decoder").external_data == ("decoder.onnx.data",)
+    report = export(f"hf:{blip_checkpoint}", task="caption", output=variant_dir / "emb",
+                    external_data_bytes=1 << 40)
     b = open_bundle(report.path, verify="full")
-    assert b.module("decoder").external_data == ("decoder.onnx.data",)
+    assert b.module("decoder").external_data == ()
     pixels = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
     a = edgerun.load(report.path, threads=1).caption(pixel_values=pixels, num_beams=2, max_new_tokens=6)
     c = edgerun.load(blip_bundle, threads=1).caption(pixel_values=pixels, num_beams=2, max_new_tokens=6)
@@ -155,7 +158,7 @@ def test_parity_check_compares_with_the_hf_forward(blip_checkpoint, monkeypatch)
         with torch.no_grad():
             out = module(*[torch.from_numpy(v) for v in feeds.values()])
         out = out if isinstance(out, tuple) else (out,)
-        names = {"vision": ["image_embeds"], "cross_kv": ["cross_key", "cross_value"],
+        names = {"vision": ["image_embeds"], "cross_kv": blip.cross_names(2),
                  "decoder": ["logits", "new_key", "new_value"]}[name]
         result = dict(zip(names, (o.numpy() for o in out)))
         if name == "decoder":
