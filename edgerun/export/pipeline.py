@@ -41,6 +41,16 @@ def _source_bytes(folder: Path) -> int:
                if p.is_file() and p.suffix in (".safetensors", ".bin"))
 
 
+def _check_image_size(preprocess: PreprocessConfig, model_hw: tuple, ckpt) -> None:
+    """The processor must produce what the vision graph takes; a mismatch would fail at run time."""
+    out_hw = preprocess.crop_size if preprocess.resize_mode == "shortest_edge" else preprocess.size
+    if tuple(out_hw) != tuple(model_hw):
+        from ..errors import ExportError
+
+        raise ExportError(f"{ckpt.folder}: the image processor makes {out_hw[0]}x{out_hw[1]} images but the "
+                          f"vision model takes {model_hw[0]}x{model_hw[1]}; fix preprocessor_config.json")
+
+
 def export(source: str, *, task: str, output: str | Path, opset: int = 17, revision: str | None = None,
            overwrite: bool = False, atol: float | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
            progress: Callable[[str], None] = lambda msg: None) -> ExportReport:
@@ -59,6 +69,7 @@ def export(source: str, *, task: str, output: str | Path, opset: int = 17, revis
     model = hf.load_model(ckpt)
     preprocess = PreprocessConfig.from_hf(ckpt.folder)
     exporter = _exporter(ckpt.architecture, task, model)
+    _check_image_size(preprocess, exporter.image_hw, ckpt)
     stages["load"] = time.perf_counter() - t
     with BundleWriter(output, overwrite=overwrite) as writer:
         t = time.perf_counter()

@@ -179,3 +179,16 @@ def test_opset_out_of_range(blip_checkpoint, tmp_path):
 def test_existing_destination_is_refused_without_overwrite(blip_checkpoint, blip_bundle):
     with pytest.raises(EdgeRunError, match="exists"):
         export(f"hf:{blip_checkpoint}", task="caption", output=blip_bundle)
+
+
+def test_processor_size_must_match_the_vision_model(blip_checkpoint, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(blip_checkpoint, ckpt)
+    cfg = json.loads((ckpt / "preprocessor_config.json").read_text())
+    cfg["size"] = {"height": 64, "width": 64}
+    (ckpt / "preprocessor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="makes 64x64 images but the vision model takes 32x32"):
+        export(f"hf:{ckpt}", task="caption", output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
