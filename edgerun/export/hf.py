@@ -13,10 +13,15 @@ from pathlib import Path
 
 from ..errors import ExportError, OptionError, UnsupportedModelError
 
-# architecture -> tasks it can be exported for
-SUPPORTED: dict[str, tuple[str, ...]] = {
-    "BlipForConditionalGeneration": ("caption",),
+# architecture -> {task: "module:ExporterClass"} (modules under edgerun.export, imported when used)
+EXPORTERS: dict[str, dict[str, str]] = {
+    "BlipForConditionalGeneration": {"caption": "blip:BlipCaptionExporter"},
+    "BlipForQuestionAnswering": {"vqa": "blip_vqa:BlipVqaExporter"},
+    "BlipForImageTextRetrieval": {"retrieval": "retrieval:BlipRetrievalExporter"},
+    "CLIPModel": {"retrieval": "retrieval:ClipRetrievalExporter"},
+    "VisionEncoderDecoderModel": {"caption": "vision_encoder_decoder:VisionEncoderDecoderExporter"},
 }
+SUPPORTED: dict[str, tuple[str, ...]] = {arch: tuple(tasks) for arch, tasks in EXPORTERS.items()}
 TASKS = ("caption", "vqa", "retrieval")
 
 

@@ -30,15 +30,38 @@ class ExportReport:
 
 
 def _exporter(architecture: str, task: str, model):
-    from .blip import BlipCaptionExporter
+    """The exporter of (architecture, task), from `hf.EXPORTERS`.
 
-    table = {("BlipForConditionalGeneration", "caption"): BlipCaptionExporter}
-    return table[(architecture, task)](model)
+    An exporter has `image_hw`; `graphs() -> list[GraphSpec]`; `verify(run, atol) -> {graph: max abs
+    diff}`, which runs the written ONNX graphs through `run(name, feeds) -> outputs` on shapes other
+    than the trace's and compares them with the torch model; and `manifest_parts(tokenizer) -> dict`
+    with the manifest's "tasks", "module_extra" (per graph), "decoding" and "model" entries.
+    """
+    import importlib
+
+    module, cls = hf.EXPORTERS[architecture][task].split(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), cls)(model)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
 
 
 def _source_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir()
-               if p.is_file() and p.suffix in (".safetensors", ".bin"))
+    return sum(p.stat().st_size for p in _weight_files(folder))
+
+
+def weights_digest(folder: Path) -> str:
+    """One sha256 over the checkpoint's weight files: the identity of the embedding model, which a
+    quantized or FP16 twin exported from the same checkpoint shares (indexes compare it)."""
+    import hashlib
+
+    from ..bundle import sha256_file
+
+    digest = hashlib.sha256()
+    for path in _weight_files(folder):
+        digest.update(f"{path.name}:{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def _check_image_size(preprocess: PreprocessConfig, model_hw: tuple, ckpt) -> None:
@@ -105,6 +128,7 @@ def export(source: str, *, task: str, output: str | Path, opset: int = 17, revis
             model=parts["model"],
             provenance={
                 "source": source, "revision": ckpt.revision, "folder": str(ckpt.folder),
+                "weights_sha256": weights_digest(ckpt.folder), "architecture": ckpt.architecture,
                 "opset": opset, "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "libraries": hf.library_versions(),
             },

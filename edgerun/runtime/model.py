@@ -58,6 +58,33 @@ class Model:
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.manifest.tasks)
 
+    @property
+    def identity(self) -> dict:
+        """What makes two bundles the same model: the source checkpoint's weights. A quantized or
+        FP16 twin of a bundle keeps its provenance, so it has the same identity."""
+        p = self.manifest.provenance
+        return {k: p.get(k) for k in ("source", "revision", "architecture", "weights_sha256")}
+
+    # -- retrieval (edgerun.runtime.retrieval) -------------------------------------------------
+
+    def embed_images(self, images: Sequence | None = None, *, pixel_values=None) -> np.ndarray:
+        """Images (paths, bytes or RGB arrays) or `pixel_values` (n, 3, H, W) -> (n, d) float32, L2-normalised."""
+        from .retrieval import embed_images
+
+        return embed_images(self, images, pixel_values=pixel_values)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (n, d) float32, L2-normalised."""
+        from .retrieval import embed_texts
+
+        return embed_texts(self, texts)
+
+    def itm_scores(self, image=None, texts: Sequence[str] = (), *, pixel_values=None) -> np.ndarray:
+        """Image-text matching probabilities (n_texts,) for one image, where the bundle has an ITM head."""
+        from .retrieval import itm_scores
+
+        return itm_scores(self, image, texts, pixel_values=pixel_values)
+
     def runner(self, module: str) -> OnnxRuntimeRunner:
         if module not in self._runners:
             spec = self.bundle.module(module)
