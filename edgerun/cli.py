@@ -81,15 +81,41 @@ def caption(bundle, images, prompt, threads, as_json, **kwargs):
         total = time.perf_counter() - start
         results = result if isinstance(result, list) else [result]
         if as_json:
-            timings = {k: (round(v * 1000, 3) if isinstance(v, float) else v) for k, v in model.last_timings.items()}
-            click.echo(json.dumps({"image": image, "text": results[0].text, "token_ids": results[0].token_ids,
-                                   "score": results[0].score,
-                                   "alternatives": [r.__dict__ for r in results[1:]],
-                                   "timings_ms": {**timings, "total": round(total * 1000, 3)}}))
+            _print_json(image, results, model.last_timings, total)
         else:
             click.echo(f"{image}: {results[0].text}")
             for r in results[1:]:
                 click.echo(f"{' ' * len(image)}  {r.text}")
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("image")
+@click.argument("question")
+@_decoding_options
+@click.option("--threads", type=int)
+@click.option("--json", "as_json", is_flag=True, help="a JSON line with text, token ids, score, timings")
+def vqa(bundle, image, question, threads, as_json, **kwargs):
+    """Answer QUESTION about IMAGE with the VQA model in BUNDLE."""
+    from .runtime.model import load
+
+    model = load(bundle, threads=threads)
+    start = time.perf_counter()
+    result = model.answer(image, question, **_options(kwargs))
+    results = result if isinstance(result, list) else [result]
+    if as_json:
+        _print_json(image, results, model.last_timings, time.perf_counter() - start, question=question)
+    else:
+        click.echo(results[0].text)
+        for r in results[1:]:
+            click.echo(r.text)
+
+
+def _print_json(image, results, timings, total, **extra):
+    timings = {k: (round(v * 1000, 3) if isinstance(v, float) else v) for k, v in timings.items()}
+    click.echo(json.dumps({"image": image, **extra, "text": results[0].text, "token_ids": results[0].token_ids,
+                           "score": results[0].score, "alternatives": [r.__dict__ for r in results[1:]],
+                           "timings_ms": {**timings, "total": round(total * 1000, 3)}}))
 
 
 @cli.command()

@@ -51,3 +51,17 @@ def blip_torch(blip_checkpoint):
 
     torch.set_num_threads(1)
     return BlipForConditionalGeneration.from_pretrained(blip_checkpoint).eval()
+
+
+@pytest.fixture(scope="session")
+def vqa_checkpoint(tmp_path_factory):
+    from edgerun.models.tiny import save_blip_vqa
+
+    return save_blip_vqa(tmp_path_factory.mktemp("ckpt") / "tiny-blip-vqa", init_std=0.15, stop_bias=2.0, seed=4)
+
+
+@pytest.fixture(scope="session")
+def vqa_bundle(vqa_checkpoint, tmp_path_factory):
+    from edgerun.export.pipeline import export
+
+    return export(f"hf:{vqa_checkpoint}", task="vqa", output=tmp_path_factory.mktemp("bundles") / "vqa").path

@@ -55,12 +55,14 @@ class BlipDecoderGraph(nn.Module):
 
     input_ids : (R, T) int64, R = batch * beams (batch-major)
     past_key, past_value : (P, L, R, H, hd), P may be 0
+    cross_mask : (B, N) int64, 1 = attend; only with `cross_mask=True` (VQA: padded questions)
     cross : cross_key_0..L-1 then cross_value_0..L-1, each (B, H, N, hd), one copy per image
     returns logits (R, V) at the last position, new_key/new_value (T, L, R, H, hd)
     """
 
-    def __init__(self, text_lm: nn.Module):
+    def __init__(self, text_lm: nn.Module, cross_mask: bool = False):
         super().__init__()
+        self.with_cross_mask = cross_mask
         cfg = text_lm.config
         self.embeddings = text_lm.bert.embeddings
         self.layers = text_lm.bert.encoder.layer
@@ -70,6 +72,10 @@ class BlipDecoderGraph(nn.Module):
 
     def forward(self, input_ids, past_key, past_value, *cross):
         n_layers = len(self.layers)
+        hidden_mask = None
+        if self.with_cross_mask:
+            hidden_mask = (cross[0] == 0)[:, None, None, :]  # (B, 1, 1, N): padding never attended
+            cross = cross[1:]
         rows, t = input_ids.shape
         past = past_key.shape[0]
         positions = torch.arange(t, device=input_ids.device) + past
@@ -82,7 +88,7 @@ class BlipDecoderGraph(nn.Module):
             x, k, v = self._self_attention(layer.attention, x, past_key[:, i], past_value[:, i], future)
             new_keys.append(k)
             new_values.append(v)
-            x = self._cross_attention(layer.crossattention, x, cross[i], cross[n_layers + i])
+            x = self._cross_attention(layer.crossattention, x, cross[i], cross[n_layers + i], hidden_mask)
             x = layer.output(layer.intermediate(x), x)
         h = self.head.transform(x[:, -1])
         # F.linear on a 2-D input exports as Gemm(transB=1): the embedding matrix is stored once.
@@ -103,13 +109,15 @@ class BlipDecoderGraph(nn.Module):
         ctx = ctx.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return attention.output(ctx, x), k, v
 
-    def _cross_attention(self, attention, x, cross_k, cross_v):
+    def _cross_attention(self, attention, x, cross_k, cross_v, hidden_mask=None):
         rows, t, _ = x.shape
         batch = cross_k.shape[0]
         # (R, T, D) -> (B, H, beams * T, hd): the beams of one image share its K/V.
         q = attention.self.query(x).view(batch, -1, t, self.n_heads, self.head_dim)
         q = q.permute(0, 3, 1, 2, 4).reshape(batch, self.n_heads, -1, self.head_dim)
         scores = torch.matmul(q, cross_k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if hidden_mask is not None:
+            scores = scores.masked_fill(hidden_mask, float("-inf"))
         ctx = torch.matmul(scores.softmax(dim=-1), cross_v)
         ctx = ctx.view(batch, self.n_heads, -1, t, self.head_dim).permute(0, 2, 3, 1, 4)
         return attention.output(ctx.reshape(rows, t, -1), x)
@@ -206,13 +214,21 @@ class BlipCaptionExporter:
         return diffs
 
     def _verify_decoder(self, run, kv, embeds, batch, beams, prompt_len, tol) -> float:
-        """Prompt in one call on an empty past, then single steps, against HF's full forward."""
+        states = torch.from_numpy(embeds).repeat_interleave(beams, 0)
+
+        def hf_logits(seq):
+            return self.text_lm(input_ids=torch.from_numpy(seq), encoder_hidden_states=states).logits.numpy()
+
+        return self._check_steps(run, kv, batch * beams, prompt_len, hf_logits, tol)
+
+    def _check_steps(self, run, feeds, rows, prompt_len, hf_logits, tol) -> float:
+        """The prompt in one call on an empty past, then single steps, against `hf_logits(seq)`, the
+        HF decoder's full forward over the whole sequence. Returns the max abs diff of the logits."""
         import numpy as np
 
         from .onnx import compare
 
-        rows = batch * beams
-        gen = np.random.default_rng(batch * 10 + beams)
+        gen = np.random.default_rng(rows * 10 + prompt_len)
         seq = gen.integers(0, self.text_cfg.vocab_size, (rows, prompt_len + 4))
         seq[:, 0] = self.text_cfg.bos_token_id
         d = self.dims
@@ -220,12 +236,10 @@ class BlipCaptionExporter:
         past_v = past_k.copy()
         worst, start = 0.0, 0
         with torch.no_grad():
-            hf = self.text_lm(input_ids=torch.from_numpy(seq),
-                              encoder_hidden_states=torch.from_numpy(embeds).repeat_interleave(beams, 0))
-        full = hf.logits.numpy()
+            full = hf_logits(seq)
         for end in range(prompt_len, seq.shape[1] + 1):
             out = run("decoder", {"input_ids": seq[:, start:end].astype(np.int64), "past_key": past_k,
-                                  "past_value": past_v, **kv})
+                                  "past_value": past_v, **feeds})
             want = {"logits": full[:, end - 1]}
             worst = max(worst, compare("decoder", {"logits": out["logits"]}, want, tol(want["logits"])))
             past_k = np.concatenate([past_k, out["new_key"]])

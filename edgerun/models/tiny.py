@@ -58,9 +58,23 @@ def reinitialise(model, std: float, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * std * 0.1)
 
 
-def save_blip_caption(
+def save_blip_caption(folder: str | Path, **kwargs) -> Path:
+    """A BLIP captioning checkpoint (`BlipForConditionalGeneration`); see `save_blip`."""
+    return save_blip(folder, architecture="BlipForConditionalGeneration", **kwargs)
+
+
+def save_blip_vqa(folder: str | Path, **kwargs) -> Path:
+    """A BLIP VQA checkpoint (`BlipForQuestionAnswering`); see `save_blip`. Its answer decoder
+    cross-attends to the question encoder's states, so the vision width equals the text width."""
+    kwargs.setdefault("vision", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=29, image_size=32, patch_size=8))
+    return save_blip(folder, architecture="BlipForQuestionAnswering", **kwargs)
+
+
+def save_blip(
     folder: str | Path,
     *,
+    architecture: str,
     text: dict | None = None,
     vision: dict | None = None,
     init_std: float = 0.5,
@@ -70,14 +84,15 @@ def save_blip_caption(
     processor_layout: str = "preprocessor",
     bert_vocab: bool = False,
 ) -> Path:
-    """Write a BLIP captioning checkpoint folder (config, weights, tokenizer, processor config).
+    """Write a BLIP checkpoint folder (config, weights, tokenizer, processor config).
 
     `text`/`vision` override `BlipTextConfig`/`BlipVisionConfig` fields; with neither given the
     model is tiny (2 layers, 32 px). `processor_layout` is "preprocessor" (preprocessor_config.json),
     "processor" (processor_config.json with an "image_processor" entry) or "both".
     """
     import torch
-    from transformers import BlipConfig, BlipForConditionalGeneration
+    import transformers
+    from transformers import BlipConfig
 
     folder = Path(folder)
     tok = bert_tokenizer(folder, 30522 if bert_vocab else None)
@@ -91,11 +106,13 @@ def save_blip_caption(
     vision_cfg = tiny_vision if vision is None else vision
     config = BlipConfig(text_config=text_cfg, vision_config=vision_cfg)
     torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(config).eval()
+    model = getattr(transformers, architecture)(config).eval()
     reinitialise(model, init_std, seed)
     if stop_bias:
-        with torch.no_grad():
-            model.text_decoder.cls.predictions.bias[tok.sep_token_id] += stop_bias
+        head = model.text_decoder.cls.predictions
+        with torch.no_grad():  # the two biases are tied in some architectures and not in others
+            for bias in {id(b): b for b in (head.bias, head.decoder.bias)}.values():
+                bias[tok.sep_token_id] += stop_bias
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

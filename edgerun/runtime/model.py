@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,18 +122,19 @@ class Model:
         """Images (paths, bytes or arrays, RGB) -> preprocessed (n, 3, H, W) float32."""
         return preprocess([load_image(im) for im in images], self.preprocess_config)
 
-    def _check_pixels(self, pixel_values) -> np.ndarray:
+    def _check_pixels(self, pixel_values, task: str) -> np.ndarray:
+        """pixel_values as the task's first module (the image encoder) takes them."""
         arr = np.asarray(pixel_values)
-        want = self.bundle.module(self.manifest.tasks[self._caption_task()].modules[0]).inputs[0].shape
+        want = self.bundle.module(self.manifest.tasks[self._require(task)].modules[0]).inputs[0].shape
         if arr.ndim != 4 or arr.dtype != np.float32 or list(arr.shape[1:]) != list(want[1:]):
             raise InputError(f"pixel_values must be float32 of shape (n, {', '.join(map(str, want[1:]))}), "
                              f"got {arr.dtype} {list(arr.shape)}")
         return np.ascontiguousarray(arr)
 
-    def _caption_task(self) -> str:
-        if "caption" not in self.manifest.tasks:
-            raise OptionError(f"this bundle does not serve captioning; it serves: {', '.join(self.tasks)}")
-        return "caption"
+    def _require(self, task: str) -> str:
+        if task not in self.manifest.tasks:
+            raise OptionError(f"this bundle does not serve {task}; it serves: {', '.join(self.tasks)}")
+        return task
 
     # -- captioning ----------------------------------------------------------------------------
 
@@ -142,7 +144,7 @@ class Model:
         if (image is None) == (pixel_values is None):
             raise InputError("give exactly one of image or pixel_values")
         if pixel_values is not None:
-            pixels = self._check_pixels(pixel_values)
+            pixels = self._check_pixels(pixel_values, "caption")
             if pixels.shape[0] != 1:
                 raise InputError(f"caption() takes a batch of 1; got {pixels.shape[0]} images: "
                                  "use caption_batch() for more")
@@ -153,11 +155,11 @@ class Model:
                       **options) -> list:
         """One entry per image (or per row of `pixel_values`, (n, 3, H, W)): a Caption, or a list of
         them when num_return_sequences > 1."""
-        self._caption_task()
+        self._require("caption")
         if (images is None) == (pixel_values is None):
             raise InputError("give exactly one of images or pixel_values")
         if pixel_values is not None:
-            return self._caption_pixels(self._check_pixels(pixel_values), prompt, options, 0.0)
+            return self._caption_pixels(self._check_pixels(pixel_values, "caption"), prompt, options, 0.0)
         if isinstance(images, (str, Path, bytes, np.ndarray)) or len(images) == 0:
             raise InputError("caption_batch() takes a non-empty list of images")
         start = time.perf_counter()
@@ -174,7 +176,7 @@ class Model:
         return ids
 
     def _caption_pixels(self, pixels: np.ndarray, prompt, options: dict, t_pre: float) -> list:
-        self._caption_task()
+        self._require("caption")
         prompt_ids = self._prompt_ids(prompt)
         opts = self.decoding_options(len(prompt_ids), **options)
         timings = {"preprocess": t_pre}
@@ -202,6 +204,71 @@ class Model:
         timings["decoder"] = decoder.total_time - before
         timings["decoder_calls"] = decoder.calls - calls
         return hyps
+
+    # -- visual question answering -------------------------------------------------------------
+
+    def answer(self, image=None, question: str | None = None, *, pixel_values=None, **options):
+        """Answer `question` about one image (path, bytes, HxWx3 RGB array) or one `pixel_values`
+        (1, 3, H, W). Returns an Answer, or a list of them when num_return_sequences > 1."""
+        if (image is None) == (pixel_values is None):
+            raise InputError("give exactly one of image or pixel_values")
+        if pixel_values is not None and np.asarray(pixel_values).shape[:1] != (1,):
+            raise InputError("answer() takes a batch of 1; use answer_batch() for more")
+        images = None if image is None else [image]
+        return self.answer_batch(images, [question], pixel_values=pixel_values, **options)[0]
+
+    def answer_batch(self, images: Sequence | None = None, questions: Sequence[str] = (), *, pixel_values=None,
+                     **options) -> list:
+        """One answer per (image, question) pair; questions of different lengths are padded and the
+        padding is masked everywhere, so each answer is the one its question gets alone."""
+        self._require("vqa")
+        if (images is None) == (pixel_values is None):
+            raise InputError("give exactly one of images or pixel_values")
+        start = time.perf_counter()
+        if pixel_values is not None:
+            pixels = self._check_pixels(pixel_values, "vqa")
+        else:
+            if isinstance(images, (str, Path, bytes, np.ndarray)) or len(images) == 0:
+                raise InputError("answer_batch() takes a non-empty list of images")
+            pixels = self.pixel_values(images)
+        if isinstance(questions, str) or len(questions) != len(pixels):
+            raise InputError(f"give one question per image: {len(pixels)} image(s), "
+                             f"{1 if isinstance(questions, str) else len(questions)} question(s)")
+        ids, mask = self._question_ids(questions)
+        opts = self.decoding_options(1, **options)
+        timings = {"preprocess": time.perf_counter() - start}
+        embeds = self.runner("vision").infer({"pixel_values": pixels})["image_embeds"]
+        timings["vision"] = self.runner("vision").last_time
+        question = self.runner("question_encoder").infer(
+            {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})["question_embeds"]
+        timings["question_encoder"] = self.runner("question_encoder").last_time
+        cross = self.runner("cross_kv").infer({"question_embeds": question})
+        timings["cross_kv"] = self.runner("cross_kv").last_time
+        cross["cross_attention_mask"] = mask
+        prompt = np.array([self.manifest.decoding["decoder_start_ids"]] * len(pixels), dtype=np.int64)
+        hyps = self._decode(cross, prompt, opts, timings)
+        self.last_timings = timings
+        return [self._results(h, opts, Answer) for h in hyps]
+
+    def _question_ids(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids with the tokenizer's special tokens, truncated at the model's positions (with a
+        warning), right-padded to the longest; returns ids and attention mask, both (n, T) int64."""
+        limit = self.manifest.model.get("max_positions") or 512
+        rows = []
+        for q in questions:
+            if not isinstance(q, str):
+                raise InputError(f"a question must be a string, got {type(q).__name__}")
+            ids = self.tokenizer.encode(q, add_special_tokens=True)
+            if len(ids) > limit:
+                warnings.warn(f"question of {len(ids)} tokens truncated to the model's {limit}", stacklevel=3)
+                ids = ids[:limit - 1] + ids[-1:]  # keep the closing special token ([SEP])
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.manifest.decoding.get("pad_id") or 0, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        return ids, mask
 
     def _results(self, hyps, opts: DecodingOptions, cls):
         out = [cls(self.tokenizer.decode(h.token_ids), list(h.token_ids), float(h.score)) for h in hyps]
