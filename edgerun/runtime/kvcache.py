@@ -19,6 +19,7 @@ class DecoderInference:
         self._spare_key, self._spare_value = np.empty(shape, np.float32), np.empty(shape, np.float32)
         self.length = 0
         self.capacity = capacity
+        self.step_times: list[float] = []  # seconds of each decoder call, for timings and bench
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """tokens : (rows, new) int64 -> logits (rows, vocab) float32 at the last position."""
@@ -27,6 +28,7 @@ class DecoderInference:
         out = self.runner.infer({"input_ids": np.ascontiguousarray(tokens, dtype=np.int64),
                                  "past_key": self._key[:past], "past_value": self._value[:past],
                                  **self.cross}, check=False)
+        self.step_times.append(self.runner.last_time)
         self._key[past:past + new] = out["new_key"]
         self._value[past:past + new] = out["new_value"]
         self.length = past + new

@@ -196,13 +196,16 @@ class Model:
         rows = prompt_ids.shape[0] * opts.num_beams
         inference = DecoderInference(decoder, cross, rows,
                                      prompt_ids.shape[1] + opts.max_new_tokens, dims)
-        before, calls = decoder.total_time, decoder.calls
         start = time.perf_counter()
         d = self.manifest.decoding
         hyps = decode(inference, prompt_ids, opts, stop_ids=d["stop_ids"], pad_id=d.get("pad_id"))
+        steps = inference.step_times
         timings["decode"] = time.perf_counter() - start
-        timings["decoder"] = decoder.total_time - before
-        timings["decoder_calls"] = decoder.calls - calls
+        timings["decoder"] = sum(steps)  # time inside the decoder graph
+        timings["decoder_calls"] = len(steps)
+        timings["decoder_first"] = steps[0]
+        timings["decoder_per_token"] = sum(steps[1:]) / (len(steps) - 1) if len(steps) > 1 else 0.0
+        timings["beam_bookkeeping"] = timings["decode"] - timings["decoder"]  # Python between calls
         return hyps
 
     # -- visual question answering -------------------------------------------------------------
