@@ -328,3 +328,11 @@ def test_from_hf_folder_errors(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text("{not json")
     with pytest.raises(InputError, match="could not be read as JSON"):
         PreprocessConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("in_hw, out_hw", [((90, 30), (40, 60)), ((33, 90), (87, 32)), ((200, 50), (64, 97))])
+def test_resize_pass_order_matches_pillow_when_axes_go_opposite_ways(in_hw, out_hw):
+    """Pillow shrinks first when one axis shrinks and the other grows; the wrong order is off by up to 17."""
+    img = np.random.default_rng(sum(in_hw)).integers(0, 256, (*in_hw, 3), dtype=np.uint8)
+    want = np.asarray(Image.fromarray(img).resize(out_hw[::-1], Image.BICUBIC))
+    assert np.array_equal(resize(img, out_hw, "bicubic"), want)
