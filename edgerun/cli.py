@@ -142,6 +142,17 @@ def validate(bundle):
                f"hashed in {report.seconds:.2f} s")
 
 
+def _register() -> None:
+    """Commands that live in their own modules (each imports its heavy parts only when run)."""
+    from .cli_index import index, search
+
+    for command in (index, search):
+        cli.add_command(command)
+
+
+_register()
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="edge-run", standalone_mode=False)
