@@ -72,8 +72,10 @@ def _progress_printer():
 @click.option("--bundle", type=click.Path(), help="embed the query with this bundle (a quantized twin of the "
               "one that built INDEX), not the one INDEX records")
 @click.option("--exact", is_flag=True, help="exact search even where INDEX has an HNSW graph")
+@click.option("--rerank", is_flag=True, help="text queries: re-order the top k by the bundle's image-text "
+              "matching head (BLIP ITM); scores become match probabilities")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
-def search(index_path, text, image, texts, k, bundle, exact, as_json):
+def search(index_path, text, image, texts, k, bundle, exact, rerank, as_json):
     """Search INDEX for the images closest to TEXT, or to --image; or rank --texts for --image."""
     from .runtime.index import open_index, search_texts
 
@@ -83,6 +85,8 @@ def search(index_path, text, image, texts, k, bundle, exact, as_json):
         raise OptionError("--texts ranks texts for an image: give --image with it")
     if k < 1:
         raise OptionError(f"-k must be at least 1, got {k}")
+    if rerank and text is None:
+        raise OptionError("--rerank re-orders a text query's results: give TEXT with it")
     idx = open_index(index_path)
     model = load_model(_bundle_path(idx, bundle))
     start = time.perf_counter()
@@ -94,6 +98,8 @@ def search(index_path, text, image, texts, k, bundle, exact, as_json):
     else:
         hits = (idx.search_text(model, text, k, exact=exact) if image is None
                 else idx.search_image(model, image, k, exact=exact))
+        if rerank:
+            hits = idx.rerank(model, text, hits)
         results = [{"rank": r, "score": h.score, "path": h.item, "id": h.id} for r, h in enumerate(hits, 1)]
     seconds = time.perf_counter() - start
     if as_json:

@@ -141,6 +141,7 @@ def test_search_when_the_recorded_bundle_moved(index_dir, bundles):
     ([], "one query"),
     (["red", "--texts", "t.txt"], "give --image"),
     (["red", "-k", "0"], "-k must be"),
+    (["--image", "q.jpg", "--rerank"], "--rerank re-orders a text query"),
 ])
 def test_search_option_mistakes(index_dir, args, match):
     out = invoke(cli_index.search, index_dir, *args)

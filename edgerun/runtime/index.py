@@ -464,6 +464,13 @@ class Index:
         self.check_model(model)
         return self._hits(*self.search_vectors(model.embed_images([image]), k, exact=exact))
 
+    def rerank(self, model, text: str, hits: list[Hit]) -> list[Hit]:
+        """Re-order `hits` for `text` by the bundle's image-text matching head (BLIP ITM); each Hit's
+        score becomes the match probability. Costs one ITM run per hit, so re-rank a short top-k."""
+        self.check_model(model)
+        scored = [Hit(h.id, h.item, float(model.itm_scores(h.item, [text])[0])) for h in hits]
+        return sorted(scored, key=lambda h: -h.score)
+
     def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
         return [Hit(int(i), self.items[i], float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
 

@@ -353,3 +353,10 @@ def test_real_retrieval_bundle(tmp_path):
     assert hits[0].score == pytest.approx(1, abs=1e-4)
     assert {h.item: h.score for h in hits}[str(tmp_path / "g" / "ramp.png")] == pytest.approx(hits[0].score)
     assert len(index.search_text(model, "a red picture", k=2)) == 2
+    # ITM re-ranking: the top k re-ordered by the match head, scores become its probabilities
+    top = index.search_text(model, "a red picture", k=3)
+    reranked = index.rerank(model, "a red picture", top)
+    want = {h.item: float(model.itm_scores(h.item, ["a red picture"])[0]) for h in top}
+    assert sorted(h.item for h in reranked) == sorted(want)
+    assert [h.score for h in reranked] == sorted(want.values(), reverse=True)
+    assert all(h.score == pytest.approx(want[h.item]) for h in reranked)
