@@ -51,7 +51,7 @@ def cli():
 @click.option("--overwrite", is_flag=True, help="replace an existing bundle at OUTPUT")
 @click.option("--atol", type=float, help="max abs diff allowed against torch (default: scaled to the outputs)")
 def export(source, task, output, opset, revision, overwrite, atol):
-    """Export SOURCE (hf:HUB_NAME or hf:LOCAL_FOLDER) to a bundle."""
+    """Export SOURCE (hf:HUB_NAME, hf:LOCAL_FOLDER or zoo:NAME) to a bundle."""
     from .export.pipeline import export as run_export
 
     report = run_export(source, task=task, output=output, opset=opset, revision=revision, overwrite=overwrite,
@@ -145,8 +145,9 @@ def validate(bundle):
 def _register() -> None:
     """Commands that live in their own modules (each imports its heavy parts only when run)."""
     from .cli_index import index, search
+    from .cli_zoo import zoo
 
-    for command in (index, search):
+    for command in (index, search, zoo):
         cli.add_command(command)
 
 
