@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
+
 
 class BlipVisionGraph(nn.Module):
     def __init__(self, vision_model: nn.Module):
@@ -76,7 +78,7 @@ class BlipDecoderGraph(nn.Module):
         if self.with_cross_mask:
             hidden_mask = (cross[0] == 0)[:, None, None, :]  # (B, 1, 1, N): padding never attended
             cross = cross[1:]
-        rows, t = input_ids.shape
+        t = input_ids.shape[1]
         past = past_key.shape[0]
         positions = torch.arange(t, device=input_ids.device) + past
         x = self.embeddings.word_embeddings(input_ids) + self.embeddings.position_embeddings(positions)[None]
@@ -123,22 +125,7 @@ class BlipDecoderGraph(nn.Module):
         return attention.output(ctx.reshape(rows, t, -1), x)
 
 
-def cross_names(n_layers: int) -> list[str]:
-    return [f"cross_key_{i}" for i in range(n_layers)] + [f"cross_value_{i}" for i in range(n_layers)]
-
-
-def decoder_dims(text_config) -> dict:
-    """The cache layout the runtime needs, recorded in the manifest."""
-    return {
-        "layout": "time,layer,row,head,dim",
-        "layers": text_config.num_hidden_layers,
-        "heads": text_config.num_attention_heads,
-        "head_dim": text_config.hidden_size // text_config.num_attention_heads,
-        "max_positions": text_config.max_position_embeddings,
-    }
-
-
-class BlipCaptionExporter:
+class BlipCaptionExporter(EncoderDecoderExporter):
     """Graph specs, parity cases and manifest entries for `BlipForConditionalGeneration`."""
 
     task = "caption"
@@ -153,99 +140,21 @@ class BlipCaptionExporter:
         self.cross_kv = BlipCrossKVGraph(self.text_lm).eval()
         self.decoder = BlipDecoderGraph(self.text_lm).eval()
         self.dims = decoder_dims(self.text_cfg)
+        self.vocab_size = self.text_cfg.vocab_size
+        self.start_id = self.text_cfg.bos_token_id
 
-    def _pixels(self, batch: int, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn((batch, 3, *self.image_hw), generator=gen)
-
-    def _past(self, past: int, rows: int, seed: int) -> torch.Tensor:
-        d = self.dims
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn((past, d["layers"], rows, d["heads"], d["head_dim"]), generator=gen)
-
-    def graphs(self) -> list:
-        from .onnx import GraphSpec
-
-        # Trace with every dynamic dim >= 2 so that nothing is specialised to 0 or 1.
+    def reference_embeds(self, pixels):
         with torch.no_grad():
-            embeds = self.vision(self._pixels(2, 0))
-            cross = self.cross_kv(embeds)
-        ids = torch.randint(0, self.text_cfg.vocab_size, (4, 2))
-        names = cross_names(self.dims["layers"])
-        per_image = {name: {0: "batch"} for name in names}
-        return [
-            GraphSpec("vision", self.vision, (self._pixels(2, 0),), ["pixel_values"], ["image_embeds"],
-                      {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
-            GraphSpec("cross_kv", self.cross_kv, (embeds,), ["image_embeds"], names,
-                      {"image_embeds": {0: "batch"}, **per_image}),
-            GraphSpec("decoder", self.decoder, (ids, self._past(3, 4, 1), self._past(3, 4, 2), *cross),
-                      ["input_ids", "past_key", "past_value", *names], ["logits", "new_key", "new_value"],
-                      {"input_ids": {0: "rows", 1: "new"},
-                       "past_key": {0: "past", 2: "rows"}, "past_value": {0: "past", 2: "rows"}, **per_image,
-                       "logits": {0: "rows"}, "new_key": {0: "new", 2: "rows"},
-                       "new_value": {0: "new", 2: "rows"}}),
-        ]
+            return self.model.vision_model(pixel_values=pixels).last_hidden_state.numpy()
 
-    def verify(self, run, atol: float | None) -> dict[str, float]:
-        """Run the ONNX graphs (`run(name, feeds) -> outputs`) on shapes other than the trace's and
-        compare with the HF model's own forward. Returns the max abs diff per graph."""
-        import numpy as np
+    def reference_cross_kv(self, embeds):
+        with torch.no_grad():  # the key/value projections applied as HF's cross-attention applies them
+            cross = self.cross_kv(torch.from_numpy(embeds))
+        return {name: t.numpy() for name, t in zip(cross_names(self.dims["layers"]), cross)}
 
-        from .onnx import compare
-
-        def tol(ref):
-            return atol if atol is not None else max(1e-3, 1e-4 * float(np.abs(ref).max()))
-
-        diffs = {"vision": 0.0, "cross_kv": 0.0, "decoder": 0.0}
-        for batch, beams, prompt_len in ((1, 3, 3), (3, 1, 1)):
-            pixels = self._pixels(batch, 10 + batch)
-            with torch.no_grad():
-                ref = self.model.vision_model(pixel_values=pixels).last_hidden_state
-            got = run("vision", {"pixel_values": pixels.numpy()})
-            ref_np = {"image_embeds": ref.numpy()}
-            diffs["vision"] = max(diffs["vision"], compare("vision", got, ref_np, tol(ref_np["image_embeds"])))
-            embeds = got["image_embeds"]
-            kv = run("cross_kv", {"image_embeds": embeds})
-            with torch.no_grad():
-                cross = self.cross_kv(torch.from_numpy(embeds))
-            want = {name: t.numpy() for name, t in zip(cross_names(self.dims["layers"]), cross)}
-            diffs["cross_kv"] = max(diffs["cross_kv"], compare("cross_kv", kv, want, tol(want["cross_key_0"])))
-            diffs["decoder"] = max(diffs["decoder"], self._verify_decoder(run, kv, embeds, batch, beams, prompt_len, tol))
-        return diffs
-
-    def _verify_decoder(self, run, kv, embeds, batch, beams, prompt_len, tol) -> float:
+    def reference_logits(self, seq, embeds, beams):
         states = torch.from_numpy(embeds).repeat_interleave(beams, 0)
-
-        def hf_logits(seq):
-            return self.text_lm(input_ids=torch.from_numpy(seq), encoder_hidden_states=states).logits.numpy()
-
-        return self._check_steps(run, kv, batch * beams, prompt_len, hf_logits, tol)
-
-    def _check_steps(self, run, feeds, rows, prompt_len, hf_logits, tol) -> float:
-        """The prompt in one call on an empty past, then single steps, against `hf_logits(seq)`, the
-        HF decoder's full forward over the whole sequence. Returns the max abs diff of the logits."""
-        import numpy as np
-
-        from .onnx import compare
-
-        gen = np.random.default_rng(rows * 10 + prompt_len)
-        seq = gen.integers(0, self.text_cfg.vocab_size, (rows, prompt_len + 4))
-        seq[:, 0] = self.text_cfg.bos_token_id
-        d = self.dims
-        past_k = np.zeros((0, d["layers"], rows, d["heads"], d["head_dim"]), np.float32)
-        past_v = past_k.copy()
-        worst, start = 0.0, 0
-        with torch.no_grad():
-            full = hf_logits(seq)
-        for end in range(prompt_len, seq.shape[1] + 1):
-            out = run("decoder", {"input_ids": seq[:, start:end].astype(np.int64), "past_key": past_k,
-                                  "past_value": past_v, **feeds})
-            want = {"logits": full[:, end - 1]}
-            worst = max(worst, compare("decoder", {"logits": out["logits"]}, want, tol(want["logits"])))
-            past_k = np.concatenate([past_k, out["new_key"]])
-            past_v = np.concatenate([past_v, out["new_value"]])
-            start = end
-        return worst
+        return self.text_lm(input_ids=torch.from_numpy(seq), encoder_hidden_states=states).logits.numpy()
 
     def manifest_parts(self, tokenizer) -> dict:
         cfg = self.text_cfg

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .blip import BlipCaptionExporter, BlipCrossKVGraph, BlipDecoderGraph, cross_names
+from .blip import BlipCaptionExporter, BlipDecoderGraph
+from .encdec import cross_names, tolerance
 from .onnx import GraphSpec, compare
 
 
@@ -105,9 +106,7 @@ class BlipVqaExporter(BlipCaptionExporter):
         ]
 
     def verify(self, run, atol: float | None) -> dict[str, float]:
-        def tol(ref):
-            return atol if atol is not None else max(1e-3, 1e-4 * float(np.abs(ref).max()))
-
+        tol = tolerance(atol)
         diffs = dict.fromkeys(("vision", "question_encoder", "cross_kv", "decoder"), 0.0)
         for batch, beams, length in ((1, 3, 4), (3, 2, 7)):
             pixels = self._pixels(batch, 20 + batch)

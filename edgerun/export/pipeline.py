@@ -64,6 +64,12 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _verify(exporter, folder: Path, specs, atol: float | None) -> dict[str, float]:
+    """The exporter's parity checks, run on the written ONNX files; the sessions close on return."""
+    runners = {s.name: OnnxRuntimeRunner(folder / f"{s.name}.onnx") for s in specs}
+    return exporter.verify(lambda name, feeds: runners[name].infer(feeds), atol)
+
+
 def _check_image_size(preprocess: PreprocessConfig, model_hw: tuple, ckpt) -> None:
     """The processor must produce what the vision graph takes; a mismatch would fail at run time."""
     out_hw = preprocess.crop_size if preprocess.resize_mode == "shortest_edge" else preprocess.size
@@ -109,9 +115,7 @@ def export(source: str, *, task: str, output: str | Path, opset: int = 17, revis
         stages["export"] = time.perf_counter() - t
         t = time.perf_counter()
         progress("checking every graph against torch on new shapes")
-        runners = {s.name: OnnxRuntimeRunner(writer.dir / f"{s.name}.onnx") for s in specs}
-        diffs = exporter.verify(lambda name, feeds: runners[name].infer(feeds), atol)
-        del runners
+        diffs = _verify(exporter, writer.dir, specs, atol)
         stages["verify"] = time.perf_counter() - t
         progress("parity: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
         tokenizer = hf.save_tokenizer(ckpt, writer.dir / "tokenizer.json")

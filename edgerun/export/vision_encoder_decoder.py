@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .blip import cross_names, decoder_dims
+from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
 class VedVisionGraph(nn.Module):
@@ -136,7 +136,7 @@ def _check_layout(model) -> None:
                                     "valid: vit, deit")
 
 
-class VisionEncoderDecoderExporter:
+class VisionEncoderDecoderExporter(EncoderDecoderExporter):
     """Graph specs, parity cases and manifest entries for a ViT-GPT2 `VisionEncoderDecoderModel`."""
 
     task = "caption"
@@ -152,65 +152,21 @@ class VisionEncoderDecoderExporter:
         self.cross_kv = Gpt2CrossKVGraph(self.gpt2).eval()
         self.decoder = Gpt2DecoderGraph(self.gpt2).eval()
         self.dims = decoder_dims(self.dec_cfg)
+        self.vocab_size = self.dec_cfg.vocab_size
+        self.start_id = self._start_id()
 
-    def _pixels(self, batch: int, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn((batch, 3, *self.image_hw), generator=gen)
-
-    def _past(self, past: int, rows: int, seed: int) -> torch.Tensor:
-        d = self.dims
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn((past, d["layers"], rows, d["heads"], d["head_dim"]), generator=gen)
-
-    def graphs(self) -> list:
-        from .onnx import GraphSpec
-
-        # Trace with every dynamic dim >= 2 so that nothing is specialised to 0 or 1.
+    def reference_embeds(self, pixels):
         with torch.no_grad():
-            embeds = self.vision(self._pixels(2, 0))
-            cross = self.cross_kv(embeds)
-        ids = torch.randint(0, self.dec_cfg.vocab_size, (4, 2), generator=torch.Generator().manual_seed(0))
-        names = cross_names(self.dims["layers"])
-        per_image = {name: {0: "batch"} for name in names}
-        return [
-            GraphSpec("vision", self.vision, (self._pixels(2, 0),), ["pixel_values"], ["image_embeds"],
-                      {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}}),
-            GraphSpec("cross_kv", self.cross_kv, (embeds,), ["image_embeds"], names,
-                      {"image_embeds": {0: "batch"}, **per_image}),
-            GraphSpec("decoder", self.decoder, (ids, self._past(3, 4, 1), self._past(3, 4, 2), *cross),
-                      ["input_ids", "past_key", "past_value", *names], ["logits", "new_key", "new_value"],
-                      {"input_ids": {0: "rows", 1: "new"},
-                       "past_key": {0: "past", 2: "rows"}, "past_value": {0: "past", 2: "rows"}, **per_image,
-                       "logits": {0: "rows"}, "new_key": {0: "new", 2: "rows"},
-                       "new_value": {0: "new", 2: "rows"}}),
-        ]
+            ref = self.model.encoder(pixel_values=pixels).last_hidden_state
+            proj = getattr(self.model, "enc_to_dec_proj", None)
+            return (ref if proj is None else proj(ref)).numpy()
 
-    def verify(self, run, atol: float | None) -> dict[str, float]:
-        """Run the ONNX graphs (`run(name, feeds) -> outputs`) on shapes other than the trace's and
-        compare with the HF model's own forward. Returns the max abs diff per graph."""
-        import numpy as np
+    def reference_cross_kv(self, embeds):
+        return self._hf_cross_kv(embeds)
 
-        from .onnx import compare
-
-        def tol(ref):
-            return atol if atol is not None else max(1e-3, 1e-4 * float(np.abs(ref).max()))
-
-        diffs = {"vision": 0.0, "cross_kv": 0.0, "decoder": 0.0}
-        for batch, beams, prompt_len in ((1, 3, 3), (3, 1, 1)):
-            pixels = self._pixels(batch, 10 + batch)
-            with torch.no_grad():
-                ref = self.model.encoder(pixel_values=pixels).last_hidden_state
-                proj = getattr(self.model, "enc_to_dec_proj", None)
-                ref = ref if proj is None else proj(ref)
-            got = run("vision", {"pixel_values": pixels.numpy()})
-            want = {"image_embeds": ref.numpy()}
-            diffs["vision"] = max(diffs["vision"], compare("vision", got, want, tol(want["image_embeds"])))
-            embeds = got["image_embeds"]
-            kv = run("cross_kv", {"image_embeds": embeds})
-            want = self._hf_cross_kv(embeds)
-            diffs["cross_kv"] = max(diffs["cross_kv"], compare("cross_kv", kv, want, tol(want["cross_key_0"])))
-            diffs["decoder"] = max(diffs["decoder"], self._verify_decoder(run, kv, embeds, batch, beams, prompt_len, tol))
-        return diffs
+    def reference_logits(self, seq, embeds, beams):
+        states = torch.from_numpy(embeds).repeat_interleave(beams, 0)
+        return self.gpt2(input_ids=torch.from_numpy(seq), encoder_hidden_states=states).logits.numpy()
 
     def _hf_cross_kv(self, embeds) -> dict:
         """The cross-attention K/V that GPT-2's own forward puts in its EncoderDecoderCache."""
@@ -221,34 +177,6 @@ class VisionEncoderDecoderExporter:
         names = cross_names(self.dims["layers"])
         tensors = [layer.keys for layer in layers] + [layer.values for layer in layers]
         return {name: t.numpy() for name, t in zip(names, tensors)}
-
-    def _verify_decoder(self, run, kv, embeds, batch, beams, prompt_len, tol) -> float:
-        """Prompt in one call on an empty past, then single steps, against HF's full forward."""
-        import numpy as np
-
-        from .onnx import compare
-
-        rows = batch * beams
-        gen = np.random.default_rng(batch * 10 + beams)
-        seq = gen.integers(0, self.dec_cfg.vocab_size, (rows, prompt_len + 4))
-        seq[:, 0] = self._start_id()
-        d = self.dims
-        past_k = np.zeros((0, d["layers"], rows, d["heads"], d["head_dim"]), np.float32)
-        past_v = past_k.copy()
-        worst, start = 0.0, 0
-        with torch.no_grad():
-            hf = self.gpt2(input_ids=torch.from_numpy(seq),
-                           encoder_hidden_states=torch.from_numpy(embeds).repeat_interleave(beams, 0))
-        full = hf.logits.numpy()
-        for end in range(prompt_len, seq.shape[1] + 1):
-            out = run("decoder", {"input_ids": seq[:, start:end].astype(np.int64), "past_key": past_k,
-                                  "past_value": past_v, **kv})
-            want = {"logits": full[:, end - 1]}
-            worst = max(worst, compare("decoder", {"logits": out["logits"]}, want, tol(want["logits"])))
-            past_k = np.concatenate([past_k, out["new_key"]])
-            past_v = np.concatenate([past_v, out["new_value"]])
-            start = end
-        return worst
 
     # -- manifest ------------------------------------------------------------------------------
 
