@@ -38,65 +38,18 @@ single most probable class.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-CAPTIONS = ROOT / "tests" / "data" / "captions.json"
-DARKNET_DATA = Path("/usr/share/darknet/data")
-INSTALL = {"skimage": "pip install scikit-image", "sklearn": "pip install scikit-learn",
-           "matplotlib": "pip install matplotlib", "darknet": "apt-get install -y darknet"}
+from edgerun.models.photos import Photo, load_photos, photo_roots  # noqa: F401 (the tests use them here)
+
 KS = (1, 3, 5, 10, 15, 20, 30, 50, None)
 TEMPERATURES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 PROTOTYPE = (False, 1.0, 5)  # (center, temperature, top_k) of the prototype: plain top-5 probabilities
 OFF_IMAGENET = {"hubble_deep_field.jpg", "retina.jpg", "moon.png", "coins.png", "clock_motion.png", "brick.png",
                 "grass.png", "gravel.png", "cell.png", "ihc.png", "page.png", "text.png"}
-
-
-@dataclass(frozen=True)
-class Photo:
-    source: str
-    file: str
-    caption: str
-    path: Path
-
-
-def photo_roots() -> dict[str, Path | None]:
-    """Where each source's photos are installed, or None where the package is missing."""
-    roots: dict[str, Path | None] = {}
-    for source, module, sub in (("skimage", "skimage", "data"), ("sklearn", "sklearn.datasets", "images")):
-        try:
-            mod = __import__(module, fromlist=["_"])
-            roots[source] = Path(mod.__file__).parent / sub
-        except ImportError:
-            roots[source] = None
-    try:
-        import matplotlib
-
-        roots["matplotlib"] = Path(matplotlib.get_data_path()) / "sample_data"
-    except ImportError:
-        roots["matplotlib"] = None
-    roots["darknet"] = DARKNET_DATA if DARKNET_DATA.is_dir() else None
-    return roots
-
-
-def load_photos(captions: Path = CAPTIONS) -> tuple[list[Photo], dict[str, str]]:
-    """The captioned photos that are present, and {missing source: the command that installs it}."""
-    roots = photo_roots()
-    photos, missing = [], {}
-    for entry in json.loads(captions.read_text(encoding="utf-8"))["photos"]:
-        root = roots.get(entry["source"])
-        path = root / entry["file"] if root is not None else None
-        if path is None or not path.is_file():
-            missing[entry["source"]] = INSTALL[entry["source"]]
-            continue
-        photos.append(Photo(entry["source"], entry["file"], entry["caption"], path))
-    return photos, missing
 
 
 def ranks(sim: np.ndarray) -> np.ndarray:

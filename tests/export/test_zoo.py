@@ -1,7 +1,7 @@
 """zoo: sources: the registry, `edge-run zoo list`, and the real zoo:effnet-lite0-minilm bundle.
 
 The export tests need the zoo packages (skipped with the install line otherwise). The recall guard
-runs on the captioned real photos of tests/data/captions.json that are installed: scikit-image's and
+runs on the captioned real photos of edgerun/models/photos.json that are installed: scikit-image's and
 scikit-learn's always (the zoo extra pulls scikit-learn in), matplotlib's and darknet's where present.
 """
 import importlib.util
