@@ -119,6 +119,15 @@ def _print_json(image, results, timings, total, **extra):
 
 
 @cli.command()
+@click.option("--rebuild", is_flag=True, help="ignore the cached bundles and build them again")
+def demo(rebuild):
+    """Show the tasks end to end on real photos, offline (bundles cached under ~/.cache/edgerun/demo)."""
+    from .demo import run_demo
+
+    run_demo(rebuild=rebuild, say=click.echo)
+
+
+@cli.command()
 @click.argument("bundle", type=click.Path())
 def info(bundle):
     """Print a bundle's tasks, modules, precisions, inputs/outputs and sizes."""

@@ -65,3 +65,23 @@ def vqa_bundle(vqa_checkpoint, tmp_path_factory):
     from edgerun.export.pipeline import export
 
     return export(f"hf:{vqa_checkpoint}", task="vqa", output=tmp_path_factory.mktemp("bundles") / "vqa").path
+
+
+@pytest.fixture(scope="session")
+def zoo_export(tmp_path_factory):
+    """zoo:effnet-lite0-minilm exported once: (exporter with its torch reference, report, loaded model)."""
+    from edgerun.models import zoo
+
+    model = zoo.get_model("effnet-lite0-minilm")
+    missing = zoo.missing_packages(model)
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}: {zoo.INSTALL}")
+    import torch
+
+    import edgerun
+    from edgerun.export.zoo import ZooRetrievalExporter, write_bundle
+
+    torch.set_num_threads(2)
+    exporter = ZooRetrievalExporter(model, zoo.ZeroShotOptions())
+    report = write_bundle(exporter, tmp_path_factory.mktemp("zoo") / "effnet-lite0-minilm")
+    return exporter, report, edgerun.load(report.path, threads=2)

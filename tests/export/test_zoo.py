@@ -122,19 +122,9 @@ def test_pipeline_routes_zoo_sources(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def zoo_bundle(tmp_path_factory):
-    """The exporter (its torch reference) and the bundle it wrote, loaded by the runtime."""
-    if MISSING:
-        pytest.skip(f"needs {', '.join(MISSING)}: {zoo.INSTALL}")
-    import torch
-
-    import edgerun
-    from edgerun.export.zoo import ZooRetrievalExporter, write_bundle
-
-    torch.set_num_threads(2)
-    exporter = ZooRetrievalExporter(MODEL, zoo.ZeroShotOptions())
-    report = write_bundle(exporter, tmp_path_factory.mktemp("zoo") / "effnet-lite0-minilm")
-    return exporter, report, edgerun.load(report.path, threads=2)
+def zoo_bundle(zoo_export):
+    """The exporter (its torch reference), the bundle it wrote, and the bundle loaded by the runtime."""
+    return zoo_export
 
 
 @pytest.fixture(scope="module")
