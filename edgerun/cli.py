@@ -44,14 +44,14 @@ def cli():
 
 @cli.command()
 @click.argument("source")
-@click.option("--task", required=True, help="caption, vqa or retrieval")
+@click.option("--task", required=True, help="caption, vqa or retrieval (ckpt: sources also: all)")
 @click.option("-o", "--output", required=True, type=click.Path(), help="bundle directory to write")
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--revision", help="hub revision (branch, tag or commit) of a hub name")
 @click.option("--overwrite", is_flag=True, help="replace an existing bundle at OUTPUT")
 @click.option("--atol", type=float, help="max abs diff allowed against torch (default: scaled to the outputs)")
 def export(source, task, output, opset, revision, overwrite, atol):
-    """Export SOURCE (hf:HUB_NAME, hf:LOCAL_FOLDER or zoo:NAME) to a bundle."""
+    """Export SOURCE (hf:HUB_NAME, hf:LOCAL_FOLDER, zoo:NAME or ckpt:PATH) to a bundle."""
     from .export.pipeline import export as run_export
 
     report = run_export(source, task=task, output=output, opset=opset, revision=revision, overwrite=overwrite,

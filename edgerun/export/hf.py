@@ -48,8 +48,8 @@ def supported_list() -> str:
 def resolve(source: str, revision: str | None = None) -> HFCheckpoint:
     """`hf:NAME_OR_DIR` -> a local checkpoint folder with its config read."""
     if not source.startswith("hf:") or len(source) == 3:
-        raise OptionError(f"unknown source {source!r}; valid: hf:HUB_NAME, hf:LOCAL_FOLDER or zoo:NAME "
-                          "(edge-run zoo list)")
+        raise OptionError(f"unknown source {source!r}; valid: hf:HUB_NAME, hf:LOCAL_FOLDER, zoo:NAME "
+                          "(edge-run zoo list) or ckpt:PATH (edge-run train)")
     name = source[3:]
     folder = Path(name).expanduser()
     if folder.exists():

@@ -83,7 +83,14 @@ def _check_image_size(preprocess: PreprocessConfig, model_hw: tuple, ckpt) -> No
 def export(source: str, *, task: str, output: str | Path, opset: int = 17, revision: str | None = None,
            overwrite: bool = False, atol: float | None = None, external_data_bytes: int = EXTERNAL_DATA_BYTES,
            progress: Callable[[str], None] = lambda msg: None) -> ExportReport:
-    """Export `source` (hf:NAME_OR_DIR, or zoo:NAME) for `task` into the bundle directory `output`."""
+    """Export `source` (hf:NAME_OR_DIR, zoo:NAME or ckpt:PATH) for `task` into the bundle directory
+    `output`. A built-in checkpoint (ckpt:) also takes task "all": every head in one bundle."""
+    if source.startswith("ckpt:"):
+        from .builtin import export_checkpoint
+
+        return export_checkpoint(source, task=task, output=output, opset=opset, revision=revision,
+                                 overwrite=overwrite, atol=atol, external_data_bytes=external_data_bytes,
+                                 progress=progress)
     if source.startswith("zoo:"):
         from .zoo import export_zoo
 

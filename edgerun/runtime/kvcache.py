@@ -7,7 +7,40 @@ cross-attention K/V stay one copy per image; the graph broadcasts the beams' que
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
+
+from ..errors import BundleError
+
+CACHE_TYPES = ("kv", "rnn")
+STEP_INPUTS = ("input_ids", "past_key", "past_value")
+
+
+def decoder_feeds(runner, values: Mapping[str, np.ndarray], step_inputs) -> dict[str, np.ndarray]:
+    """The decoder inputs other than `step_inputs`, by name from `values` (cross K/V, masks)."""
+    names = [i.name for i in runner.inputs if i.name not in step_inputs]
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise BundleError(f"decoder {runner.path.name} needs {missing}, which no module before it gives")
+    return {n: values[n] for n in names}
+
+
+def make_inference(runner, values: Mapping[str, np.ndarray], batch: int, beams: int, capacity: int,
+                   cache: dict):
+    """The decoder as decoding's `Inference`, by the manifest's cache layout `extra["cache"]`:
+    "kv" (the default: a transformer's time-major self-attention K/V) or "rnn" (a recurrent state,
+    edgerun.runtime.rnncache). `values` holds what the modules before the decoder produced."""
+    kind = cache.get("type", "kv")
+    if kind == "rnn":
+        from .rnncache import RnnInference
+
+        return RnnInference(runner, values, beams, cache)
+    if kind != "kv":
+        raise BundleError(f"decoder {runner.path.name}: unknown cache type {kind!r}; "
+                          f"valid: {', '.join(CACHE_TYPES)}")
+    cross = decoder_feeds(runner, values, STEP_INPUTS)
+    return DecoderInference(runner, cross, batch * beams, capacity, cache)
 
 
 class DecoderInference:

@@ -1,4 +1,12 @@
-"""`edgerun.load(BUNDLE)`: the model object users call, built from the manifest alone."""
+"""`edgerun.load(BUNDLE)`: the model object users call, built from the manifest alone.
+
+Each task runs the modules its manifest entry lists, in order, each fed by tensor name from the
+outputs of the ones before it; modules are told apart by `extra["role"]` (image_encoder, cross_kv,
+question_encoder, decoder, answer_classifier, ...), not by name, so one bundle may hold several
+heads. The image encoder's outputs are an `ImageState` (edgerun.runtime.state): `encode()` makes
+one that caption, answer and embed_images take as `state=`. Decoders run through
+`kvcache.make_inference`, by their cache type (transformer K/V, or a recurrent state).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +22,10 @@ from ..bundle import open_bundle
 from ..errors import InputError, OptionError
 from .decoding import DecodingOptions, decode
 from .image import load_image
-from .kvcache import DecoderInference
+from .kvcache import make_inference
 from .onnxrt import OnnxRuntimeRunner
 from .preprocess import PreprocessConfig, preprocess
+from .state import ImageState, check_state, encode_pixels, encoder_module, run_modules, task_chain
 from .tokenizer import Tokenizer
 
 
@@ -68,11 +77,21 @@ class Model:
 
     # -- retrieval (edgerun.runtime.retrieval) -------------------------------------------------
 
-    def embed_images(self, images: Sequence | None = None, *, pixel_values=None) -> np.ndarray:
-        """Images (paths, bytes or RGB arrays) or `pixel_values` (n, 3, H, W) -> (n, d) float32, L2-normalised."""
-        from .retrieval import embed_images
+    def embed_images(self, images: Sequence | None = None, *, pixel_values=None,
+                     state: ImageState | None = None) -> np.ndarray:
+        """Images (paths, bytes or RGB arrays), `pixel_values` (n, 3, H, W) or an encoded `state`
+        -> (n, d) float32, L2-normalised."""
+        from .retrieval import embed_images, retrieval_modules
 
-        return embed_images(self, images, pixel_values=pixel_values)
+        if state is None:
+            return embed_images(self, _no_state(images), pixel_values=pixel_values)
+        if images is not None or pixel_values is not None:
+            raise InputError("give exactly one of images or pixel_values (or state= from encode())")
+        roles = retrieval_modules(self)
+        state, timings = check_state(self, state, "retrieval"), {}
+        values = run_modules(self, [roles["image_embedder"]], dict(state.values), timings)
+        self.last_timings = timings
+        return values["image_embeds"].astype(np.float32, copy=False)
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> (n, d) float32, L2-normalised."""
@@ -97,6 +116,15 @@ class Model:
 
     def decoding_options(self, prompt_len: int, **overrides) -> DecodingOptions:
         """Bundle defaults (HF generation config) overridden by keyword options; misspelt ones raise."""
+        return self._options(prompt_len, self.manifest.model.get("max_positions"), overrides)
+
+    def _decoder_limit(self, decoder: str) -> int | None:
+        cache = self.bundle.module(decoder).extra.get("cache", {})
+        return cache.get("max_positions") or self.manifest.model.get("max_positions")
+
+    def _options(self, prompt_len: int, limit: int | None, overrides: dict) -> DecodingOptions:
+        """Options for a decoder of `limit` positions. Without max_new_tokens from the user or the
+        bundle, the default (20) shrinks to what the decoder holds."""
         unknown = sorted(set(overrides) - set(_OPTION_NAMES))
         if unknown:
             raise OptionError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(_OPTION_NAMES)}")
@@ -107,10 +135,11 @@ class Model:
         if "min_new_tokens" not in base and gen.get("min_length"):
             base["min_new_tokens"] = max(0, gen["min_length"] - prompt_len)
         base.update({k: v for k, v in overrides.items() if v is not None})
+        if "max_new_tokens" not in base and limit:
+            base["max_new_tokens"] = max(1, min(DecodingOptions.max_new_tokens, limit - prompt_len))
         if "min_new_tokens" in base and "max_new_tokens" in base and "min_new_tokens" not in overrides:
             base["min_new_tokens"] = min(base["min_new_tokens"], base["max_new_tokens"])
         options = DecodingOptions(**base)
-        limit = self.manifest.model.get("max_positions")
         if limit and prompt_len + options.max_new_tokens > limit:
             raise OptionError(f"prompt ({prompt_len} tokens) + max_new_tokens ({options.max_new_tokens}) "
                               f"exceeds the model's {limit} positions")
@@ -136,35 +165,77 @@ class Model:
             raise OptionError(f"this bundle does not serve {task}; it serves: {', '.join(self.tasks)}")
         return task
 
+    # -- encode once (edgerun.runtime.state) -----------------------------------------------------
+
+    def encode(self, images=None, *, pixel_values=None, task: str | None = None) -> ImageState:
+        """Run the image encoder once on an image (path, bytes, HxWx3 RGB array), a list of them, or
+        `pixel_values` (n, 3, H, W). Pass the result as `state=` to caption, caption_batch, answer,
+        answer_batch and embed_images, which then skip preprocessing and the encoder and give what
+        they give for the images. Another model refuses the state. `task` picks the encoder where
+        the bundle's tasks use different ones."""
+        if task is not None:
+            self._require(task)
+        if isinstance(images, (str, Path, bytes, bytearray, np.ndarray)) and np.ndim(images) < 4:
+            images = [images]  # one image
+        timings: dict[str, float] = {}
+        state = self._state(task or self._tasks_with(encoder_module(self, task))[0], images, pixel_values,
+                            None, timings)
+        self.last_timings = timings
+        return state
+
+    def _tasks_with(self, encoder: str | None) -> list[str]:
+        return [t for t in self.tasks if encoder_module(self, t) == encoder]
+
+    def _state(self, task: str, images, pixel_values, state, timings: dict,
+               noun: str = "images") -> ImageState:
+        """The task's image state: `state` checked, or the images / pixel_values encoded."""
+        self._require(task)
+        if sum(x is not None for x in (images, pixel_values, state)) != 1:
+            raise InputError(f"give exactly one of {noun} or pixel_values (or state= from encode())")
+        if state is not None:
+            return check_state(self, state, task)
+        if pixel_values is not None:
+            pixels = self._check_pixels(pixel_values, task)
+        else:
+            if isinstance(images, (str, Path, bytes, np.ndarray)) or len(images) == 0:
+                raise InputError("give a non-empty list of images")
+            start = time.perf_counter()
+            pixels = self.pixel_values(_no_state(images))
+            timings["preprocess"] = time.perf_counter() - start
+        return encode_pixels(self, pixels, encoder_module(self, task), timings)
+
     # -- captioning ----------------------------------------------------------------------------
 
-    def caption(self, image=None, *, pixel_values=None, prompt: str | None = None, **options):
-        """Caption one image (path, bytes, HxWx3 RGB array) or one preprocessed `pixel_values`
-        (1, 3, H, W). Returns a Caption, or a list of them when num_return_sequences > 1."""
-        if (image is None) == (pixel_values is None):
-            raise InputError("give exactly one of image or pixel_values")
-        if pixel_values is not None:
-            pixels = self._check_pixels(pixel_values, "caption")
-            if pixels.shape[0] != 1:
-                raise InputError(f"caption() takes a batch of 1; got {pixels.shape[0]} images: "
-                                 "use caption_batch() for more")
-            return self._caption_pixels(pixels, prompt, options, 0.0)[0]
-        return self.caption_batch([image], prompt=prompt, **options)[0]
+    def caption(self, image=None, *, pixel_values=None, state: ImageState | None = None,
+                prompt: str | None = None, **options):
+        """Caption one image (path, bytes, HxWx3 RGB array), one preprocessed `pixel_values`
+        (1, 3, H, W) or one encoded `state`. Returns a Caption, or a list of them when
+        num_return_sequences > 1."""
+        if sum(x is not None for x in (image, pixel_values, state)) != 1:
+            raise InputError("give exactly one of image or pixel_values (or state= from encode())")
+        images = None if image is None else [image]
+        return self._caption(images, pixel_values, state, prompt, options, one="caption")[0]
 
-    def caption_batch(self, images: Sequence | None = None, *, pixel_values=None, prompt: str | None = None,
-                      **options) -> list:
-        """One entry per image (or per row of `pixel_values`, (n, 3, H, W)): a Caption, or a list of
-        them when num_return_sequences > 1."""
-        self._require("caption")
-        if (images is None) == (pixel_values is None):
-            raise InputError("give exactly one of images or pixel_values")
-        if pixel_values is not None:
-            return self._caption_pixels(self._check_pixels(pixel_values, "caption"), prompt, options, 0.0)
-        if isinstance(images, (str, Path, bytes, np.ndarray)) or len(images) == 0:
+    def caption_batch(self, images: Sequence | None = None, *, pixel_values=None,
+                      state: ImageState | None = None, prompt: str | None = None, **options) -> list:
+        """One entry per image (or per row of `pixel_values`, (n, 3, H, W), or per image of `state`):
+        a Caption, or a list of them when num_return_sequences > 1."""
+        if images is not None and (isinstance(images, (str, Path, bytes, np.ndarray)) or len(images) == 0):
             raise InputError("caption_batch() takes a non-empty list of images")
-        start = time.perf_counter()
-        pixels = self.pixel_values(images)
-        return self._caption_pixels(pixels, prompt, options, time.perf_counter() - start)
+        return self._caption(images, pixel_values, state, prompt, options)
+
+    def _caption(self, images, pixel_values, state, prompt, options: dict, one: str | None = None) -> list:
+        self._require("caption")
+        _, middle, decoder = task_chain(self, "caption")
+        prompt_ids = self._prompt_ids(prompt)
+        opts = self._options(len(prompt_ids), self._decoder_limit(decoder), options)
+        timings: dict = {"preprocess": 0.0}
+        state = self._state("caption", images, pixel_values, state, timings)
+        _check_one(state, one)
+        values = run_modules(self, middle, dict(state.values), timings)
+        hyps = self._decode(decoder, values, np.array([prompt_ids] * state.count), opts, timings)
+        self.last_timings = timings
+        return [self._results(h, opts, Caption) for h in hyps]
 
     def _prompt_ids(self, prompt: str | None) -> list[int]:
         ids = list(self.manifest.decoding["decoder_start_ids"])
@@ -175,27 +246,14 @@ class Model:
             ids += self.tokenizer.encode(prompt, add_special_tokens=add)
         return ids
 
-    def _caption_pixels(self, pixels: np.ndarray, prompt, options: dict, t_pre: float) -> list:
-        self._require("caption")
-        prompt_ids = self._prompt_ids(prompt)
-        opts = self.decoding_options(len(prompt_ids), **options)
-        timings = {"preprocess": t_pre}
-        start = time.perf_counter()
-        embeds = self.runner("vision").infer({"pixel_values": pixels})["image_embeds"]
-        timings["vision"] = time.perf_counter() - start
-        kv = self.runner("cross_kv").infer({"image_embeds": embeds})
-        timings["cross_kv"] = self.runner("cross_kv").last_time
-        hyps = self._decode(kv, np.array([prompt_ids] * len(pixels)), opts,
-                            timings)
-        self.last_timings = timings
-        return [self._results(h, opts, Caption) for h in hyps]
-
-    def _decode(self, cross: dict, prompt_ids: np.ndarray, opts: DecodingOptions, timings: dict):
-        decoder = self.runner("decoder")
-        dims = self.bundle.module("decoder").extra["cache"]
-        rows = prompt_ids.shape[0] * opts.num_beams
-        inference = DecoderInference(decoder, cross, rows,
-                                     prompt_ids.shape[1] + opts.max_new_tokens, dims)
+    def _decode(self, decoder_name: str, values: dict, prompt_ids: np.ndarray, opts: DecodingOptions,
+                timings: dict):
+        """Beam search with the decoder module `decoder_name`, fed from `values` (what the modules
+        before it produced: cross K/V, masks, an initial recurrent state)."""
+        decoder = self.runner(decoder_name)
+        cache = self.bundle.module(decoder_name).extra["cache"]
+        inference = make_inference(decoder, values, prompt_ids.shape[0], opts.num_beams,
+                                   prompt_ids.shape[1] + opts.max_new_tokens, cache)
         start = time.perf_counter()
         d = self.manifest.decoding
         hyps = decode(inference, prompt_ids, opts, stop_ids=d["stop_ids"], pad_id=d.get("pad_id"))
@@ -210,53 +268,55 @@ class Model:
 
     # -- visual question answering -------------------------------------------------------------
 
-    def answer(self, image=None, question: str | None = None, *, pixel_values=None, **options):
-        """Answer `question` about one image (path, bytes, HxWx3 RGB array) or one `pixel_values`
-        (1, 3, H, W). Returns an Answer, or a list of them when num_return_sequences > 1."""
-        if (image is None) == (pixel_values is None):
-            raise InputError("give exactly one of image or pixel_values")
+    def answer(self, image=None, question: str | None = None, *, pixel_values=None,
+               state: ImageState | None = None, **options):
+        """Answer `question` about one image (path, bytes, HxWx3 RGB array), one `pixel_values`
+        (1, 3, H, W) or one encoded `state`. Returns an Answer, or a list of them when
+        num_return_sequences > 1. A classifier bundle's Answer.score is the answer's probability."""
+        if sum(x is not None for x in (image, pixel_values, state)) != 1:
+            raise InputError("give exactly one of image or pixel_values (or state= from encode())")
         if pixel_values is not None and np.asarray(pixel_values).shape[:1] != (1,):
             raise InputError("answer() takes a batch of 1; use answer_batch() for more")
         images = None if image is None else [image]
-        return self.answer_batch(images, [question], pixel_values=pixel_values, **options)[0]
+        return self._answer(images, [question], pixel_values, state, options, one="answer")[0]
 
     def answer_batch(self, images: Sequence | None = None, questions: Sequence[str] = (), *, pixel_values=None,
-                     **options) -> list:
+                     state: ImageState | None = None, **options) -> list:
         """One answer per (image, question) pair; questions of different lengths are padded and the
         padding is masked everywhere, so each answer is the one its question gets alone."""
+        if images is not None and (isinstance(images, (str, Path, bytes, np.ndarray)) or len(images) == 0):
+            raise InputError("answer_batch() takes a non-empty list of images")
+        return self._answer(images, questions, pixel_values, state, options)
+
+    def _answer(self, images, questions, pixel_values, state, options: dict, one: str | None = None) -> list:
         self._require("vqa")
-        if (images is None) == (pixel_values is None):
-            raise InputError("give exactly one of images or pixel_values")
-        start = time.perf_counter()
-        if pixel_values is not None:
-            pixels = self._check_pixels(pixel_values, "vqa")
-        else:
-            if isinstance(images, (str, Path, bytes, np.ndarray)) or len(images) == 0:
-                raise InputError("answer_batch() takes a non-empty list of images")
-            pixels = self.pixel_values(images)
-        if isinstance(questions, str) or len(questions) != len(pixels):
-            raise InputError(f"give one question per image: {len(pixels)} image(s), "
+        _, middle, last = task_chain(self, "vqa")
+        classifier = self.bundle.module(last).extra.get("role") == "answer_classifier"
+        opts = None if classifier else self._options(1, self._decoder_limit(last), options)
+        timings: dict = {"preprocess": 0.0}
+        state = self._state("vqa", images, pixel_values, state, timings)
+        _check_one(state, one)
+        if isinstance(questions, str) or len(questions) != state.count:
+            raise InputError(f"give one question per image: {state.count} image(s), "
                              f"{1 if isinstance(questions, str) else len(questions)} question(s)")
         ids, mask = self._question_ids(questions)
-        opts = self.decoding_options(1, **options)
-        timings = {"preprocess": time.perf_counter() - start}
-        embeds = self.runner("vision").infer({"pixel_values": pixels})["image_embeds"]
-        timings["vision"] = self.runner("vision").last_time
-        question = self.runner("question_encoder").infer(
-            {"input_ids": ids, "attention_mask": mask, "image_embeds": embeds})["question_embeds"]
-        timings["question_encoder"] = self.runner("question_encoder").last_time
-        cross = self.runner("cross_kv").infer({"question_embeds": question})
-        timings["cross_kv"] = self.runner("cross_kv").last_time
-        cross["cross_attention_mask"] = mask
-        prompt = np.array([self.manifest.decoding["decoder_start_ids"]] * len(pixels), dtype=np.int64)
-        hyps = self._decode(cross, prompt, opts, timings)
+        values = {**state.values, "input_ids": ids, "attention_mask": mask}
+        values = run_modules(self, middle, values, timings)
+        if classifier:
+            from .answers import classify
+
+            return classify(self, last, values, options, timings)
+        values.setdefault("cross_attention_mask", mask)  # BLIP: the question's own padding mask
+        prompt = np.array([self.manifest.decoding["decoder_start_ids"]] * state.count, dtype=np.int64)
+        hyps = self._decode(last, values, prompt, opts, timings)
         self.last_timings = timings
         return [self._results(h, opts, Answer) for h in hyps]
 
     def _question_ids(self, questions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids with the tokenizer's special tokens, truncated at the model's positions (with a
         warning), right-padded to the longest; returns ids and attention mask, both (n, T) int64."""
-        limit = self.manifest.model.get("max_positions") or 512
+        model = self.manifest.model
+        limit = model.get("max_text_length") or model.get("max_positions") or 512
         rows = []
         for q in questions:
             if not isinstance(q, str):
@@ -276,6 +336,20 @@ class Model:
     def _results(self, hyps, opts: DecodingOptions, cls):
         out = [cls(self.tokenizer.decode(h.token_ids), list(h.token_ids), float(h.score)) for h in hyps]
         return out if opts.num_return_sequences > 1 else out[0]
+
+
+def _no_state(images):
+    """Images as given, after refusing an ImageState where images belong."""
+    if isinstance(images, ImageState) or (isinstance(images, (list, tuple)) and
+                                          any(isinstance(i, ImageState) for i in images)):
+        raise InputError("an ImageState goes in as state=, e.g. model.caption(state=model.encode(image))")
+    return images
+
+
+def _check_one(state: ImageState, method: str | None) -> None:
+    if method is not None and state.count != 1:
+        raise InputError(f"{method}() takes a batch of 1; got {state.count} images: "
+                         f"use {method}_batch() for more")
 
 
 def load(bundle: str | Path, backend: str = "cpu", threads: int | None = None, *, verify: str = "cached") -> Model:

@@ -1,0 +1,87 @@
+"""Transformer building blocks shared by the built-in families (pre-LayerNorm, GELU MLP).
+
+Attention is written out (no `nn.MultiheadAttention`): the export graphs re-use the same
+projections with an explicit KV cache, and a plain matmul/softmax traces to standard ONNX ops.
+Masks are boolean, True where a key may be attended, broadcast to the scores (B, H, Tq, Tk).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+NEG = torch.finfo(torch.float32).min  # a masked score; finite, so a fully masked row stays finite
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, D) -> (B, H, T, D / H)"""
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, hd) -> (B, T, H * hd)"""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention. q (B, H, Tq, hd), k and v (B, H, Tk, hd) -> (B, H, Tq, hd)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, NEG)
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
+def key_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A padding mask (B, T), 1 = token -> allowed (B, 1, 1, T)."""
+    return mask.bool()[:, None, None, :]
+
+
+def causal_mask(length: int, device=None) -> torch.Tensor:
+    """(1, 1, T, T), True on and below the diagonal."""
+    pos = torch.arange(length, device=device)
+    return (pos[None, :] <= pos[:, None])[None, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) attends to `context` (B, S, D), or to itself when None."""
+        context = x if context is None else context
+        q = split_heads(self.query(x), self.heads)
+        k, v = split_heads(self.key(context), self.heads), split_heads(self.value(context), self.heads)
+        return self.out(merge_heads(attend(q, k, v, allowed)))
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention to a context, MLP; each with a residual."""
+
+    def __init__(self, width: int, heads: int, *, cross: bool = False, mlp_ratio: int = 4):
+        super().__init__()
+        self.ln_self = nn.LayerNorm(width)
+        self.self_attn = Attention(width, heads)
+        self.ln_cross = nn.LayerNorm(width) if cross else None
+        self.cross_attn = Attention(width, heads) if cross else None
+        self.ln_mlp = nn.LayerNorm(width)
+        hidden = mlp_ratio * width
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x, allowed=None, context=None, context_allowed=None):
+        x = x + self.self_attn(self.ln_self(x), allowed=allowed)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.ln_cross(x), context, context_allowed)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x (B, T, D), mask (B, T) -> (B, D), the mean over the unmasked positions."""
+    weights = mask.to(x.dtype)[..., None]
+    return (x * weights).sum(1) / weights.sum(1).clamp(min=1.0)
