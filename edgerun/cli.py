@@ -153,10 +153,11 @@ def validate(bundle):
 
 def _register() -> None:
     """Commands that live in their own modules (each imports its heavy parts only when run)."""
+    from .cli_bench import bench
     from .cli_index import index, search
     from .cli_zoo import zoo
 
-    for command in (index, search, zoo):
+    for command in (bench, index, search, zoo):
         cli.add_command(command)
 
 
