@@ -154,10 +154,11 @@ def validate(bundle):
 def _register() -> None:
     """Commands that live in their own modules (each imports its heavy parts only when run)."""
     from .cli_bench import bench
+    from .cli_calibrate import calibrate
     from .cli_index import index, search
     from .cli_zoo import zoo
 
-    for command in (bench, index, search, zoo):
+    for command in (bench, calibrate, index, search, zoo):
         cli.add_command(command)
 
 

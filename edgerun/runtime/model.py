@@ -27,6 +27,7 @@ from .onnxrt import OnnxRuntimeRunner
 from .preprocess import PreprocessConfig, preprocess
 from .state import ImageState, check_state, encode_pixels, encoder_module, run_modules, task_chain
 from .tokenizer import Tokenizer
+from .variants import select_module
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,9 @@ class Model:
         return itm_scores(self, image, texts, pixel_values=pixel_values)
 
     def runner(self, module: str) -> OnnxRuntimeRunner:
+        """The session of `module`, in the variant made for this backend (e.g. `vision@tensorrt`)."""
         if module not in self._runners:
-            spec = self.bundle.module(module)
+            _, spec = select_module(self.manifest, module, self.backend)
             self._runners[module] = OnnxRuntimeRunner(self.bundle.file(spec.file), backend=self.backend,
                                                       threads=self.threads)
         return self._runners[module]

@@ -1,0 +1,168 @@
+"""From statistics to files: which layers of each module get INT8, the variant files, their specs.
+
+Every quantized module gets two variants, each naming the backends it is for:
+- `NAME` (the module the tasks name): the onnxruntime CPU variant, backends ["cpu", "cuda"]:
+  U8S8 Q/DQ on the linear layers for encoders, dynamic INT8 weights for decoders;
+- `NAME@tensorrt`: symmetric S8 Q/DQ with standard ops only, backends ["tensorrt", "ort-trt"].
+`--fp16` instead adds `NAME@fp16` (backends ["cuda", "tensorrt", "ort-trt"]) beside the float
+module, which keeps the CPU. `edgerun.runtime.variants.select_module` picks one per backend.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..manifest import ModuleSpec
+from .nodes import Target, find_targets, float_nodes, name_nodes
+from .stats import Range
+
+CPU_BACKENDS = ("cpu", "cuda")
+TRT_BACKENDS = ("tensorrt", "ort-trt")
+TRT_TAG = "tensorrt"
+FP16_TAG = "fp16"
+
+
+@dataclass
+class ModulePlan:
+    """A module of the float bundle and the fate of its linear layers."""
+
+    name: str
+    spec: ModuleSpec
+    path: Path  # its float ONNX file
+    targets: list[Target]
+    kept: dict[str, str] = field(default_factory=dict)  # node -> why it stays float
+
+    @property
+    def role(self) -> str | None:
+        return self.spec.extra.get("role")
+
+    @property
+    def decoder(self) -> bool:
+        return self.role == "decoder" or "cache" in self.spec.extra
+
+    @property
+    def quantized(self) -> list[Target]:
+        return [t for t in self.targets if t.node not in self.kept]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One written module file: `module` is its manifest name (`NAME` or `NAME@TAG`)."""
+
+    module: str
+    base: str
+    file: str  # bundle-relative
+    backends: tuple[str, ...]
+    scheme: str  # "u8s8-qdq", "s8s8-qdq", "dynamic-int8" or "fp16"
+    precision: str
+    layers: int  # layers quantized (fp16: nodes kept in float32)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "backends": list(self.backends), "scheme": self.scheme, "layers": self.layers}
+
+
+def plan_modules(bundle, patterns, extra_float: Mapping[str, Mapping[str, str]] = {}) -> dict[str, ModulePlan]:
+    """A plan per module that the bundle's tasks run, in task order."""
+    import onnx
+
+    plans = {}
+    for task in bundle.manifest.tasks.values():
+        for name in task.modules:
+            if name in plans:
+                continue
+            spec = bundle.module(name)
+            path = bundle.file(spec.file)
+            graph = onnx.load(str(path), load_external_data=False).graph
+            name_nodes(graph)
+            targets = find_targets(graph)
+            kept = float_nodes(name, graph, spec.extra.get("role"), targets, patterns, extra_float.get(name, {}))
+            plans[name] = ModulePlan(name, spec, path, targets, kept)
+    return plans
+
+
+def _save(model, dst: Path) -> None:
+    import onnx
+
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=1024)
+
+
+def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, scheme: str, per_channel: bool) -> int:
+    """Write `plan`'s module with Q/DQ on its quantized layers to `dst`; returns the layer count."""
+    import onnx
+
+    from .qdq import insert_qdq
+
+    model = onnx.load(str(plan.path))
+    name_nodes(model.graph)
+    count = insert_qdq(model, plan.quantized, ranges, scheme=scheme, per_channel=per_channel)
+    _save(model, dst)
+    return count
+
+
+def write_dynamic(plan: ModulePlan, dst: Path, per_channel: bool) -> int:
+    from .decoder import write_dynamic as write
+
+    return write(plan.path, dst, plan.quantized, per_channel=per_channel)
+
+
+def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Path, per_channel: bool,
+               progress: Callable[[str], None] = lambda msg: None) -> list[Variant]:
+    """The CPU and TensorRT variants of one module, written into `out_dir`. A decoder without
+    statistics (calibrated on no samples) gets no TensorRT variant; another module without them
+    (one the calibration runs never reach) none at all: it stays float."""
+    variants = []
+    if not plan.decoder and not ranges:
+        progress(f"{plan.name}: stays float (the calibration runs did not reach it)")
+        return variants
+    cpu_file = f"{plan.name}.int8.onnx"
+    if plan.decoder:
+        n = write_dynamic(plan, out_dir / cpu_file, per_channel)
+        variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "dynamic-int8", "int8", n))
+    else:
+        n = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel)
+        variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "u8s8-qdq", "int8", n))
+    if ranges:
+        trt_file = f"{plan.name}.int8-{TRT_TAG}.onnx"
+        n = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel)
+        variants.append(Variant(f"{plan.name}@{TRT_TAG}", plan.name, trt_file, TRT_BACKENDS, "s8s8-qdq", "int8", n))
+    progress(f"{plan.name}: {len(plan.quantized)} of {len(plan.targets)} linear layers INT8, "
+             f"{len(plan.kept)} kept float ({', '.join(v.module for v in variants)})")
+    return variants
+
+
+def write_fp16(plan: ModulePlan, out_dir: Path) -> Variant:
+    from .fp16 import FP16_BACKENDS, convert_fp16
+
+    file = f"{plan.name}.fp16.onnx"
+    kept = convert_fp16(plan.path, out_dir / file)
+    return Variant(f"{plan.name}@{FP16_TAG}", plan.name, file, FP16_BACKENDS, "fp16", "fp16", kept)
+
+
+def module_specs(modules: Mapping[str, ModuleSpec], variants: Mapping[str, list[Variant]]) -> dict[str, ModuleSpec]:
+    """The output manifest's modules: each float module, or its variants in its place (the one
+    named like the module first). A float module kept beside FP16 variants serves the CPU only."""
+    out = {}
+    for name, spec in modules.items():
+        mine = variants.get(name, [])
+        if not any(v.module == name for v in mine):
+            out[name] = replace(spec, backends=("cpu",)) if mine else spec
+        for v in mine:
+            extra = dict(spec.extra)
+            if v.module != name:
+                extra["variant_of"] = name
+            out[v.module] = replace(spec, file=v.file, external_data=(), precision=v.precision,
+                                    backends=v.backends, extra=extra)
+    return out
+
+
+def replaced_files(modules: Mapping[str, ModuleSpec], variants: Mapping[str, list[Variant]]) -> set[str]:
+    """Files of the float bundle that the variants replace (so they are not copied)."""
+    replaced = {name for name, mine in variants.items() if any(v.module == name for v in mine)}
+
+    def files(spec: ModuleSpec) -> set[str]:
+        return {spec.file, *spec.external_data}
+
+    kept = set().union(*(files(s) for n, s in modules.items() if n not in replaced))
+    return set().union(*(files(modules[n]) for n in replaced)) - kept

@@ -1,0 +1,394 @@
+"""`edge-run calibrate`: float bundle + images -> INT8 (or FP16) bundle, accepted on held-out data.
+
+    report = calibrate("blip/", "photos/", "blip-int8/", CalibrationOptions(samples=256))
+
+Stages: statistics (run the float bundle on the calibration images, folding each linear layer's
+input into streaming histograms), an optional sensitivity pass, the variant files, the held-out
+comparison with the float twin, and the bundle itself, written through `BundleWriter`: a failure
+or interruption at any stage, `--max-drop` exceeded included, leaves no output bundle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gc
+import itertools
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle, BundleWriter, open_bundle
+from ..errors import BundleError, EdgeRunError, OptionError, require
+from ..manifest import Manifest
+from . import accuracy, build
+from .collect import QUESTIONS, TEXTS, Collector, auto_batch, file_model
+from .nodes import parse_patterns
+from .sensitivity import LayerError, module_sensitivity
+from .sources import open_source
+from .stats import METHODS, Range, tensor_range
+
+EVAL_BATCH = 8  # at most; a model whose activations fill a calibration batch with one image gets 1
+AUTO_ROUNDS = 6
+
+
+class AccuracyDropError(EdgeRunError):
+    """A quantized bundle lost more than `--max-drop` against its float twin; nothing was written."""
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """What `calibrate` does; checked once here. Overrides go through `dataclasses.replace`."""
+
+    method: str = "entropy"  # activations: minmax, entropy or percentile
+    percentile: float = 99.99
+    samples: int = 128
+    seed: int = 0
+    per_channel: bool = True  # weights: one scale per output channel
+    keep_float: tuple[str, ...] = ()  # node-name globs or op types, optionally MODULE:PATTERN
+    max_drop: float | None = None  # fail when a held-out metric drops more than this (0..1)
+    auto: bool = False  # keep the most sensitive layers float until within max_drop
+    fp16: bool = False  # write FP16 GPU variants instead of INT8
+    sensitivity: bool = False
+    eval_data: str | None = None  # held-out images; default: source images calibration did not use
+    eval_samples: int = 64
+    eval_beams: int | None = None  # decoding of the held-out captions/answers; None: the bundle's default
+    decoder_samples: int = 32  # images whose decoding steps are calibrated (decoders' TensorRT variant)
+    batch_size: int | None = None  # None: as many images as keep a batch's activations near 256 MB
+    every: int | None = None  # video/camera: take every N-th frame
+    texts: tuple[str, ...] = ()  # for text modules; default: a built-in set
+    threads: int | None = None
+    overwrite: bool = False
+    trt_cache: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise OptionError(f"unknown calibration method {self.method!r}; valid: {', '.join(METHODS)}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise OptionError(f"percentile must be in (50, 100], got {self.percentile}")
+        for name in ("samples", "eval_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise OptionError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("batch_size", "every", "eval_beams", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise OptionError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.decoder_samples < 0:
+            raise OptionError(f"decoder_samples must be >= 0, got {self.decoder_samples}")
+        if self.max_drop is not None and not 0.0 <= self.max_drop <= 1.0:
+            raise OptionError(f"max_drop is a fraction in [0, 1] (0.02 = 2 %), got {self.max_drop}")
+        if self.auto and self.max_drop is None:
+            raise OptionError("auto requires max_drop: --auto --max-drop 0.02 keeps layers float until "
+                              "every held-out metric is within 2 % of the float twin")
+        if self.fp16 and (self.auto or self.sensitivity):
+            raise OptionError("fp16 writes FP16 GPU variants; auto and sensitivity apply to INT8 only")
+        object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        object.__setattr__(self, "texts", tuple(self.texts))
+
+
+@dataclass
+class CalibrationReport:
+    path: Path
+    seconds: float
+    quantization: dict  # what the manifest's "quantization" section holds
+    accuracy: list[accuracy.AccuracyReport] = field(default_factory=list)
+    sensitivity: list[LayerError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _refuse_quantized(bundle: Bundle) -> None:
+    m = bundle.manifest
+    low = sorted(n for n, s in m.modules.items() if s.precision != "fp32" or "@" in n)
+    if m.quantization is not None or low:
+        what = f"modules {low} are not fp32" if low else "its manifest has a quantization section"
+        raise BundleError(f"bundle {bundle.path} is already quantized ({what}); calibrate its float twin "
+                          "(the bundle edge-run export wrote)")
+
+
+def calibrate(bundle: str | Path, data: str, output: str | Path, options: CalibrationOptions | None = None,
+              progress: Callable[[str], None] = _quiet) -> CalibrationReport:
+    """Quantize the float bundle `bundle` with images from `data` into the bundle `output`."""
+    options = options or CalibrationOptions()
+    start = time.perf_counter()
+    require("onnx", "calibrate")
+    src = open_bundle(bundle)
+    _refuse_quantized(src)
+    job = _Job(src, data, options, progress)
+    try:
+        with BundleWriter(output, overwrite=options.overwrite) as writer:
+            job.out_dir = writer.dir
+            variants = job.fp16() if options.fp16 else job.int8()
+            job.check_drop()
+            job.copy_rest(variants)
+            manifest = job.manifest(variants)
+            path = writer.commit(manifest)
+    finally:
+        job.close()
+    job.stages["total"] = time.perf_counter() - start
+    return CalibrationReport(path, job.stages["total"], manifest.quantization, job.reports, job.ranking,
+                             job.notes, job.stages)
+
+
+class _Job:
+    """One calibration run's state, stage by stage."""
+
+    def __init__(self, src: Bundle, data: str, options: CalibrationOptions, progress):
+        self.src, self.options, self.progress = src, options, progress
+        self.source = open_source(data, seed=options.seed, every=options.every, samples=options.samples)
+        self.eval_source = (open_source(options.eval_data, seed=options.seed, every=options.every)
+                            if options.eval_data else None)
+        self.patterns = parse_patterns(options.keep_float)
+        self.plans = build.plan_modules(src, self.patterns)
+        self.texts = list(options.texts or TEXTS)
+        self.out_dir: Path | None = None
+        self.ranges: dict[str, dict[str, Range]] = {}
+        self.probes: dict[str, list] = {}
+        self.reports: list[accuracy.AccuracyReport] = []
+        self.ranking: list[LayerError] = []
+        self.auto_float: dict[str, dict[str, str]] = {}
+        self.notes: list[str] = []
+        self.stages: dict[str, float] = {}
+        self.used = 0
+        self.batch = options.batch_size or EVAL_BATCH
+
+    def close(self) -> None:
+        for source in (self.source, self.eval_source):
+            getattr(source, "close", lambda: None)()
+
+    def _timed(self, stage: str, t0: float) -> None:
+        self.stages[stage] = self.stages.get(stage, 0.0) + time.perf_counter() - t0
+
+    # -- statistics --------------------------------------------------------------------------------
+
+    def collect(self) -> None:
+        t0, o = time.perf_counter(), self.options
+        modules = {n: [t.activation for t in p.targets] for n, p in self.plans.items() if p.quantized}
+        collector = Collector(self.src.path, modules, decoders=[n for n, p in self.plans.items() if p.decoder],
+                              threads=o.threads)
+        self.progress(f"statistics: {o.method} over up to {o.samples} images from {self.source.report.source}")
+        images = iter(self.source.calibration(o.samples))
+        batch = o.batch_size or 1
+        while chunk := [im for _, im in itertools.islice(images, batch)]:
+            pixels = collector.model.pixel_values(chunk)
+            collector.fold_batch(pixels, self.texts, QUESTIONS, decode=self.used < o.decoder_samples)
+            self.used += len(chunk)
+            if o.batch_size is None and self.used == len(chunk):
+                batch = auto_batch(collector.image_bytes(len(chunk)))
+                self.batch = min(batch, EVAL_BATCH)
+            self.progress(f"statistics: {self.used}/{o.samples} images")
+        if self.used < o.samples:
+            self.notes.append(f"asked for {o.samples} samples; {self.source.report.source} has {self.used} "
+                              f"readable: calibrated on {self.used}")
+        if self.source.report.skipped:
+            self.notes.append(f"skipped {len(self.source.report.skipped)} unreadable file(s), e.g. "
+                              f"{self.source.report.skipped[0][0]}")
+        for note in self.notes:
+            self.progress(f"note: {note}")
+        for name, stats in collector.stats().items():
+            self.ranges[name] = {t: tensor_range(s, o.method, o.percentile) for t, s in stats.items()
+                                 if s.hist is not None}
+        self.probes = collector.probes()
+        collector.close()
+        gc.collect()
+        self._timed("statistics", t0)
+
+    # -- held-out data ------------------------------------------------------------------------------
+
+    def held_out(self) -> list[np.ndarray]:
+        t0, o = time.perf_counter(), self.options
+        model = file_model(self.src.path, {}, threads=o.threads)
+        source = self.eval_source
+        items = source.calibration(o.eval_samples) if source is not None else self.source.holdout(o.eval_samples)
+        images = [im for _, im in items]
+        if not images:
+            raise OptionError("no held-out images to compare the quantized bundle with its float twin; give "
+                              "--eval DATA")
+        self._timed("held-out images", t0)
+        return [model.pixel_values(images[i:i + self.batch]) for i in range(0, len(images), self.batch)]
+
+    def _eval_options(self) -> dict:
+        return {} if self.options.eval_beams is None else {"num_beams": self.options.eval_beams}
+
+    def evaluate(self, batches, variants: dict[str, list[build.Variant]], tags: Sequence[str | None],
+                 reference: accuracy.Outputs) -> list[accuracy.AccuracyReport]:
+        """Compare each variant set (tag None: the CPU variants) with the float twin's `reference`."""
+        t0, reports = time.perf_counter(), []
+        classifier = any(p.role == "answer_classifier" for p in self.plans.values())
+        for tag in tags:
+            files = {}
+            for base, mine in variants.items():
+                pick = next((v for v in mine if v.module == (base if tag is None else f"{base}@{tag}")), None)
+                if pick is None and tag is not None:
+                    pick = next((v for v in mine if v.module == base), None)  # the base serves as fallback
+                if pick is not None:
+                    files[base] = self.out_dir / pick.file
+            name = "cpu" if tag is None else tag
+            self.progress(f"held-out: {name} variant on {reference.samples} images")
+            model = file_model(self.src.path, files, threads=self.options.threads)
+            got = accuracy.run(model, batches, self.texts, QUESTIONS, self._eval_options(), reference)
+            reports.append(accuracy.compare(name, got, reference, classifier))
+            del model
+            gc.collect()
+        self._timed("held-out comparison", t0)
+        return reports
+
+    def reference(self, batches) -> accuracy.Outputs:
+        t0 = time.perf_counter()
+        self.progress(f"held-out: float twin on {sum(len(b) for b in batches)} images")
+        model = file_model(self.src.path, {}, threads=self.options.threads)
+        ref = accuracy.run(model, batches, self.texts, QUESTIONS, self._eval_options())
+        del model
+        gc.collect()
+        self._timed("held-out comparison", t0)
+        return ref
+
+    # -- INT8 ----------------------------------------------------------------------------------------
+
+    def sensitivity(self) -> None:
+        t0 = time.perf_counter()
+        errors: list[LayerError] = []
+        for name, plan in self.plans.items():
+            outputs = ["logits"] if plan.decoder else [o.name for o in plan.spec.outputs]
+            errors += module_sensitivity(name, plan.path, plan.quantized, self.ranges.get(name, {}),
+                                         self.probes.get(name, []), outputs, per_channel=self.options.per_channel,
+                                         threads=self.options.threads, progress=self.progress)
+        self.ranking = sorted(errors, key=lambda e: -e.error)
+        self._timed("sensitivity", t0)
+
+    def write_int8(self) -> dict[str, list[build.Variant]]:
+        t0, out = time.perf_counter(), {}
+        self.plans = build.plan_modules(self.src, self.patterns, self.auto_float)
+        for name, plan in self.plans.items():
+            if not plan.quantized:
+                self.progress(f"{name}: stays float ({len(plan.targets)} linear layers, none to quantize)")
+                continue
+            written = build.write_int8(plan, self.ranges.get(name), self.out_dir, self.options.per_channel,
+                                       self.progress)
+            if written:
+                out[name] = written
+            elif (note := f"{name} stays float: no calibration statistics reached it") not in self.notes:
+                self.notes.append(note)
+        self._timed("write variants", t0)
+        return out
+
+    def _keep_more(self, round_: int) -> bool:
+        """Keep the 2**round_ next-worst layers float; False when none is left to keep."""
+        left = [e for e in self.ranking if e.node not in self.plans[e.module].kept]
+        for e in left[:2 ** round_]:
+            self.auto_float.setdefault(e.module, {})[e.node] = f"--auto (sensitivity {e.error:.2e})"
+        return bool(left)
+
+    def int8(self) -> dict[str, list[build.Variant]]:
+        self.collect()
+        batches = self.held_out()
+        reference = self.reference(batches)
+        if self.options.sensitivity or self.options.auto:
+            self.sensitivity()
+        for round_ in range(AUTO_ROUNDS + 1):
+            variants = self.write_int8()
+            tags = [None] + ([build.TRT_TAG] if any(len(v) > 1 for v in variants.values()) else [])
+            self.reports = self.evaluate(batches, variants, tags, reference)
+            ok = all(r.within(self.options.max_drop) for r in self.reports)
+            if ok or not self.options.auto or round_ == AUTO_ROUNDS or not self._keep_more(round_):
+                break
+            self.progress(f"auto: worst drop {max(r.worst.drop for r in self.reports):.4f} > "
+                          f"{self.options.max_drop}; keeping {sum(map(len, self.auto_float.values()))} "
+                          "sensitive layer(s) float")
+        if not variants and self.options.auto:
+            raise AccuracyDropError(f"--auto: meeting --max-drop {self.options.max_drop} took every linear layer "
+                                    "in float, so there is no INT8 bundle to write; calibrate on more --samples "
+                                    "or allow a larger --max-drop. No bundle was written")
+        if not variants:
+            raise OptionError("no linear layer is left to quantize (--keep-float names them all, or the calibration "
+                              "runs reached none); no bundle was written")
+        if self.options.trt_cache:
+            self._trt_caches(variants)
+        return variants
+
+    def _trt_caches(self, variants) -> None:
+        from .trtcache import write_cache
+
+        for name in variants:
+            if self.ranges.get(name):
+                write_cache(self.out_dir / f"{name}.trt-calib.cache", self.ranges[name], self.options.method)
+
+    # -- FP16 ----------------------------------------------------------------------------------------
+
+    def fp16(self) -> dict[str, list[build.Variant]]:
+        t0 = time.perf_counter()
+        batches = self.held_out()
+        reference = self.reference(batches)
+        variants = {}
+        for name, plan in self.plans.items():
+            variants[name] = [build.write_fp16(plan, self.out_dir)]
+            self.progress(f"{name}: FP16 variant {name}@{build.FP16_TAG}")
+        self._timed("write variants", t0)
+        self.reports = self.evaluate(batches, variants, [build.FP16_TAG], reference)
+        return variants
+
+    # -- the bundle ------------------------------------------------------------------------------------
+
+    def check_drop(self) -> None:
+        limit = self.options.max_drop
+        bad = [(r.variant, m) for r in self.reports for m in r.metrics if limit is not None and m.drop > limit]
+        if bad:
+            shown = "; ".join(f"{v} {m.task} {m.name} {m.value:.4f} (drop {m.drop:.4f})" for v, m in bad[:4])
+            hint = "" if self.options.auto else "; try --auto, --keep-float PATTERN or more --samples"
+            raise AccuracyDropError(f"quantized bundle exceeds --max-drop {limit}: {shown}{hint}. "
+                                    "No bundle was written")
+
+    def copy_rest(self, variants) -> None:
+        modules = self.src.manifest.modules
+        skip = build.replaced_files(modules, variants)
+        for rel in self.src.manifest.files:
+            if rel not in skip:
+                dst = self.out_dir / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(self.src.file(rel), dst)
+
+    def manifest(self, variants) -> Manifest:
+        m = self.src.manifest
+        modules = build.module_specs(m.modules, variants)
+        provenance = {**m.provenance, "calibrated_from": str(self.src.path),
+                      "calibrated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        return dataclasses.replace(m, modules=modules, files={}, provenance=provenance,
+                                   quantization=self.summary(variants))
+
+    def summary(self, variants) -> dict:
+        o = self.options
+        out: dict = {"method": "fp16" if o.fp16 else o.method}
+        if not o.fp16:
+            out.update(samples=self.used, samples_requested=o.samples, seed=o.seed, per_channel=o.per_channel,
+                       decoder_samples=min(self.used, o.decoder_samples),
+                       activations={"cpu": "uint8 asymmetric (decoders: dynamic)", build.TRT_TAG: "int8 symmetric"})
+            if o.method == "percentile":
+                out["percentile"] = o.percentile
+        out["source"] = self.source.report.to_dict()
+        if self.eval_source is not None:
+            out["eval_source"] = self.eval_source.report.to_dict()
+        out["modules"] = {}
+        for name, mine in variants.items():
+            plan = self.plans[name]
+            entry = {"variants": {v.module: v.to_dict() for v in mine}, "linear_layers": len(plan.targets)}
+            if not o.fp16:
+                entry["kept_float"] = dict(sorted(plan.kept.items()))
+                if o.trt_cache and self.ranges.get(name):
+                    entry["trt_calibration_cache"] = f"{name}.trt-calib.cache"
+            out["modules"][name] = entry
+        out["accuracy"] = {"held_out": self.reports[0].samples if self.reports else 0,
+                           "variants": [r.to_dict() for r in self.reports]}
+        if self.ranking:
+            out["sensitivity"] = [e.to_dict() for e in self.ranking[:50]]
+        if self.auto_float:
+            out["auto"] = {"max_drop": o.max_drop, "kept_float": {k: sorted(v) for k, v in self.auto_float.items()}}
+        if self.notes:
+            out["notes"] = list(self.notes)
+        return out

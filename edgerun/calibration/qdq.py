@@ -1,0 +1,147 @@
+"""Explicit Q/DQ: QuantizeLinear/DequantizeLinear pairs in front of the quantized linear layers.
+
+Two schemes from the same statistics:
+- "tensorrt": symmetric int8 activations and weights, zero point 0, standard ONNX ops only
+  (no com.microsoft ops, no If): what TensorRT 8.6, 10 and 11 build INT8 engines from;
+- "cpu": asymmetric uint8 activations and symmetric int8 weights (U8S8), which onnxruntime's CPU
+  provider fuses into integer MatMul kernels.
+
+Weights are quantized here, per output channel by default (per tensor where the layout allows no
+channel axis); activations get one scale per tensor, shared by every quantized layer reading it.
+Only the inputs of the targets named are touched: ops kept float have no Q/DQ around them.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import OptionError
+from .nodes import Target
+from .stats import Range
+
+SCHEMES = ("tensorrt", "cpu")
+_MIN_OPSET = 13  # per-axis DequantizeLinear
+
+
+def opset(model) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def weight_scales(w: np.ndarray, axis: int | None) -> np.ndarray:
+    """Symmetric int8 scales of `w`: one per slice along `axis`, or a scalar when axis is None."""
+    if axis is None:
+        amax = np.abs(w).max(initial=0.0)
+    else:
+        others = tuple(d for d in range(w.ndim) if d != axis)
+        amax = np.abs(w).max(axis=others, initial=0.0)
+    scale = np.asarray(amax / 127.0, dtype=np.float32)
+    return np.where(scale > 0, scale, np.float32(1.0)).astype(np.float32)
+
+
+def quantize_weight(w: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    return np.clip(np.rint(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+
+
+def activation_params(r: Range, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, zero point) of an activation with range `r` under `scheme`."""
+    if scheme == "tensorrt":
+        return np.array(max(r.amax, 1e-8) / 127.0, np.float32), np.array(0, np.int8)
+    scale = max(r.high - r.low, 1e-8) / 255.0
+    zero = int(np.clip(np.rint(-r.low / scale), 0, 255))
+    return np.array(scale, np.float32), np.array(zero, np.uint8)
+
+
+class _Builder:
+    """Collects the new initializers and Q/DQ nodes, each made once per tensor."""
+
+    def __init__(self, graph, scheme: str, per_channel: bool, base_dir: str):
+        from onnx import numpy_helper
+
+        self.graph, self.scheme, self.per_channel, self.base_dir = graph, scheme, per_channel, base_dir
+        self.inits = {t.name: t for t in graph.initializer}
+        self.to_array, self.from_array = numpy_helper.to_array, numpy_helper.from_array
+        self.new_inits: list = []
+        self.made: dict[str, tuple[str, list]] = {}  # tensor -> (dequantized name, nodes not yet placed)
+
+    def _const(self, array: np.ndarray, name: str) -> str:
+        self.new_inits.append(self.from_array(array, name))
+        return name
+
+    def activation(self, tensor: str, r: Range) -> str:
+        from onnx import helper
+
+        if tensor not in self.made:
+            scale, zero = activation_params(r, self.scheme)
+            s = self._const(scale, f"{tensor}_scale")
+            z = self._const(zero, f"{tensor}_zero_point")
+            q, dq = f"{tensor}_quantized", f"{tensor}_dequantized"
+            nodes = [helper.make_node("QuantizeLinear", [tensor, s, z], [q], name=f"{tensor}_QuantizeLinear"),
+                     helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{tensor}_DequantizeLinear")]
+            self.made[tensor] = (dq, nodes)
+        return self.made[tensor][0]
+
+    def weight(self, t: Target) -> str:
+        from onnx import helper
+
+        if t.weight not in self.made:
+            w = self.to_array(self.inits[t.weight], self.base_dir).astype(np.float32)
+            axis = t.axis if self.per_channel else None
+            scale = weight_scales(w, axis)
+            q = self._const(quantize_weight(w, scale, axis), f"{t.weight}_quantized")
+            s = self._const(scale, f"{t.weight}_scale")
+            z = self._const(np.zeros(scale.shape, np.int8), f"{t.weight}_zero_point")
+            dq = f"{t.weight}_dequantized"
+            attrs = {"axis": axis} if axis is not None else {}
+            nodes = [helper.make_node("DequantizeLinear", [q, s, z], [dq], name=f"{t.weight}_DequantizeLinear",
+                                      **attrs)]
+            self.made[t.weight] = (dq, nodes)
+        return self.made[t.weight][0]
+
+    def take(self, tensor: str) -> list:
+        """The nodes that make `tensor`'s dequantized copy, the first time they are needed."""
+        name, nodes = self.made[tensor]
+        self.made[tensor] = (name, [])
+        return nodes
+
+
+def insert_qdq(model, targets: Sequence[Target], ranges: Mapping[str, Range], *, scheme: str,
+               per_channel: bool = True, base_dir: str = "") -> int:
+    """Quantize `targets` of `model` (an onnx ModelProto) in place; returns how many layers got
+    Q/DQ. `ranges` maps each target's activation tensor to its Range; weights still held as
+    external data are read from `base_dir`."""
+    if scheme not in SCHEMES:
+        raise OptionError(f"unknown Q/DQ scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+    if opset(model) < _MIN_OPSET:
+        raise OptionError(f"INT8 Q/DQ needs opset {_MIN_OPSET} or newer, this model has opset {opset(model)}; "
+                          "re-export the bundle with --opset 17")
+    graph = model.graph
+    by_node = {t.node: t for t in targets}
+    missing = sorted({t.activation for t in targets} - set(ranges))
+    if missing:
+        raise OptionError(f"no calibration range for {missing[:3]}; the statistics do not match this model")
+    b = _Builder(graph, scheme, per_channel, base_dir)
+    nodes = []
+    for node in graph.node:
+        t = by_node.get(node.name)
+        if t is not None:
+            act, weight = b.activation(t.activation, ranges[t.activation]), b.weight(t)
+            nodes += b.take(t.activation) + b.take(t.weight)
+            node.input[0], node.input[t.weight_index] = act, weight
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _drop_unused(graph, {t.weight for t in targets})
+    graph.initializer.extend(b.new_inits)
+    return len(by_node)
+
+
+def _drop_unused(graph, names: set[str]) -> None:
+    """Remove the float weights in `names` that nothing reads any more."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name not in names or t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

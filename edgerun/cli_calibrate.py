@@ -1,0 +1,82 @@
+"""`edge-run calibrate`: quantize a float bundle to INT8 (or add FP16 GPU variants).
+
+The lead's cli.py registers it with `cli.add_command(calibrate)`. Progress goes to stderr; the
+accuracy table, the sensitivity ranking and the summary go to stdout. Errors (EdgeRunError, an
+exceeded --max-drop included) propagate to `edgerun.cli.main`, which prints one line and exits 1.
+"""
+from __future__ import annotations
+
+import resource
+
+import click
+
+
+@click.command("calibrate")
+@click.argument("bundle", type=click.Path())
+@click.option("--data", "data", required=True,
+              help="calibration images: a folder (searched recursively), a .txt list, a video file or camera:INDEX")
+@click.option("-o", "--output", required=True, type=click.Path(), help="bundle directory to write")
+@click.option("--method", type=click.Choice(["entropy", "minmax", "percentile"]), default="entropy", show_default=True,
+              help="how activation ranges are chosen")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="for --method percentile")
+@click.option("--samples", type=int, default=128, show_default=True, help="calibration images")
+@click.option("--seed", type=int, default=0, show_default=True, help="picks the samples from a folder")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True, help="weight scales")
+@click.option("--keep-float", multiple=True, metavar="PATTERN",
+              help="layers to leave in float: a node-name glob or op type, MODULE:PATTERN for one module "
+                   "(repeat or separate with commas)")
+@click.option("--max-drop", type=float, help="fail (and write nothing) when a held-out metric drops more than "
+              "this fraction against the float twin")
+@click.option("--auto", is_flag=True, help="with --max-drop: keep the most sensitive layers float until within it")
+@click.option("--fp16", is_flag=True, help="write FP16 GPU variants (cuda, tensorrt, ort-trt) instead of INT8")
+@click.option("--sensitivity", is_flag=True, help="rank the layers by the error each one alone adds")
+@click.option("--eval", "eval_data", help="held-out images (default: source images calibration did not use, "
+              "then crops and flips of them)")
+@click.option("--eval-samples", type=int, default=64, show_default=True, help="held-out images compared")
+@click.option("--eval-beams", type=int, help="beams for held-out captions and answers (default: the bundle's)")
+@click.option("--decoder-samples", type=int, default=32, show_default=True,
+              help="calibration images whose decoding steps calibrate the decoders' TensorRT variant")
+@click.option("--batch-size", type=int, help="images per calibration batch (default: by activation size)")
+@click.option("--every", type=int, help="video or camera: take every N-th frame")
+@click.option("--texts", type=click.Path(exists=True, dir_okay=False),
+              help="text file, one text a line, for the modules that read text")
+@click.option("--threads", type=int, help="onnxruntime threads (default: every core)")
+@click.option("--overwrite", is_flag=True, help="replace an existing bundle at OUTPUT")
+def calibrate(bundle, data, output, method, percentile, samples, seed, per_channel, keep_float, max_drop, auto,
+              fp16, sensitivity, eval_data, eval_samples, eval_beams, decoder_samples, batch_size, every, texts,
+              threads, overwrite):
+    """Quantize the float BUNDLE with calibration images from --data into the bundle OUTPUT."""
+    from .calibration import accuracy
+    from .calibration import sensitivity as ranking
+    from .calibration.pipeline import CalibrationOptions
+    from .calibration.pipeline import calibrate as run
+
+    options = CalibrationOptions(
+        method=method, percentile=percentile, samples=samples, seed=seed, per_channel=per_channel,
+        keep_float=keep_float, max_drop=max_drop, auto=auto, fp16=fp16, sensitivity=sensitivity,
+        eval_data=eval_data, eval_samples=eval_samples, eval_beams=eval_beams, decoder_samples=decoder_samples,
+        batch_size=batch_size, every=every, texts=_texts(texts), threads=threads, overwrite=overwrite)
+    report = run(bundle, data, output, options, progress=lambda msg: click.echo(f"  {msg}", err=True))
+    if report.sensitivity:
+        click.echo(ranking.table(report.sensitivity))
+        click.echo()
+    click.echo(accuracy.table(report.accuracy))
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    q = report.quantization
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    samples_text = f", {q['samples']} samples" if "samples" in q else ""
+    click.echo(f"wrote {report.path} in {report.seconds:.1f} s ({q['method']}{samples_text}; "
+               f"peak RSS {peak:.0f} MB)")
+
+
+def _texts(path: str | None) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    from .errors import InputError
+
+    with open(path, encoding="utf-8") as fh:
+        lines = tuple(line.strip() for line in fh if line.strip())
+    if not lines:
+        raise InputError(f"--texts {path} holds no text; give one text a line")
+    return lines

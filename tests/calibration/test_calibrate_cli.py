@@ -1,0 +1,54 @@
+import cv2
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgerun.calibration.pipeline import AccuracyDropError
+from edgerun.cli_calibrate import calibrate
+from edgerun.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        cv2.imwrite(str(folder / f"{i}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    return folder
+
+
+def _run(*args):
+    return CliRunner().invoke(calibrate, [str(a) for a in args])
+
+
+def test_calibrate_writes_a_bundle_and_prints_the_table(blip_bundle, images, tmp_path):
+    result = _run(blip_bundle, "--data", images, "-o", tmp_path / "out", "--method", "minmax", "--samples", 4,
+                  "--eval-samples", 4, "--decoder-samples", 2, "--keep-float", "*fc1*")
+    assert result.exit_code == 0, result.output
+    assert "exact_caption_agreement" in result.stdout and "logits_cosine" in result.stdout
+    assert "minmax, 4 samples" in result.stdout
+    assert "statistics: 4/4 images" in result.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
+def test_max_drop_exceeded_fails_without_a_bundle(blip_bundle, images, tmp_path):
+    result = _run(blip_bundle, "--data", images, "-o", tmp_path / "out", "--samples", 4, "--eval-samples", 4,
+                  "--decoder-samples", 0, "--max-drop", 0)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, AccuracyDropError)
+    assert not (tmp_path / "out").exists()
+
+
+def test_no_readable_images(blip_bundle, tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"nope")
+    result = _run(blip_bundle, "--data", tmp_path, "-o", tmp_path / "out")
+    assert isinstance(result.exception, InputError)
+    assert "no readable images" in str(result.exception)
+    assert not (tmp_path / "out").exists()
+
+
+def test_usage_mistakes(blip_bundle, images, tmp_path):
+    result = _run(blip_bundle, "--data", images, "-o", tmp_path / "out", "--method", "kl")
+    assert result.exit_code == 2 and "entropy" in result.output
+    result = _run(blip_bundle, "--data", images, "-o", tmp_path / "out", "--auto")
+    assert "auto requires max_drop" in str(result.exception)
