@@ -156,9 +156,10 @@ def _register() -> None:
     from .cli_bench import bench
     from .cli_calibrate import calibrate
     from .cli_index import index, search
+    from .cli_train import train
     from .cli_zoo import zoo
 
-    for command in (bench, calibrate, index, search, zoo):
+    for command in (bench, calibrate, index, search, train, zoo):
         cli.add_command(command)
 
 

@@ -63,6 +63,8 @@ def export_graph(spec: GraphSpec, path: Path, *, opset: int = 17,
     if weights > external_data_bytes:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
+        data = path.with_name(path.name + ".data")
+        data.chmod(path.stat().st_mode & 0o777)  # onnx writes it 0600; a service account must read it
     else:
         onnx.save_model(model, str(path))
     return path
