@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-OPTIONS = dict(num_beams=3, max_new_tokens=20, min_new_tokens=20)
+OPTIONS = {"num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 20}
 
 
 def peak_rss_mb() -> float:
@@ -46,8 +46,8 @@ def make(workdir: Path, tiny: bool) -> Path:
 
 def time_torch(folder: Path, runs: int, threads: int) -> dict:
     import torch
-    from transformers import BlipForConditionalGeneration, BlipImageProcessorPil
     from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipImageProcessorPil
 
     torch.set_num_threads(threads)
     model = BlipForConditionalGeneration.from_pretrained(folder).eval()

@@ -8,7 +8,7 @@ import pytest
 
 def run(*args, env_dir=None):
     return subprocess.run([sys.executable, "-m", "edgerun.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,8 @@ def save_blip_caption(folder: str | Path, **kwargs) -> Path:
 def save_blip_vqa(folder: str | Path, **kwargs) -> Path:
     """A BLIP VQA checkpoint (`BlipForQuestionAnswering`); see `save_blip`. Its answer decoder
     cross-attends to the question encoder's states, so the vision width equals the text width."""
-    kwargs.setdefault("vision", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=29, image_size=32, patch_size=8))
+    kwargs.setdefault("vision", {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                     "intermediate_size": 29, "image_size": 32, "patch_size": 8})
     return save_blip(folder, architecture="BlipForQuestionAnswering", **kwargs)
 
 
@@ -96,10 +96,10 @@ def save_blip(
 
     folder = Path(folder)
     tok = bert_tokenizer(folder, 30522 if bert_vocab else None)
-    tiny_text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                     max_position_embeddings=64)
-    tiny_vision = dict(hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=29,
-                       image_size=32, patch_size=8)
+    tiny_text = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 37,
+                     "max_position_embeddings": 64}
+    tiny_vision = {"hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 29,
+                       "image_size": 32, "patch_size": 8}
     text_cfg = {**(tiny_text if text is None else text), "vocab_size": len(tok),
                 "pad_token_id": tok.pad_token_id, "sep_token_id": tok.sep_token_id,
                 "bos_token_id": tok.bos_token_id}

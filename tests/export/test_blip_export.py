@@ -58,8 +58,8 @@ def variant_dir(tmp_path_factory):
 
 
 def test_bf16_checkpoint_with_processor_config_and_48px_exports_fp32(variant_dir):
-    ckpt = save_blip_caption(variant_dir / "bf16", vision=dict(hidden_size=24, num_hidden_layers=1,
-                             num_attention_heads=4, intermediate_size=29, image_size=48, patch_size=16),
+    ckpt = save_blip_caption(variant_dir / "bf16", vision={"hidden_size": 24, "num_hidden_layers": 1,
+                             "num_attention_heads": 4, "intermediate_size": 29, "image_size": 48, "patch_size": 16},
                              dtype="bfloat16", processor_layout="processor", seed=5)
     assert "bfloat16" in (ckpt / "config.json").read_text()
     report = export(f"hf:{ckpt}", task="caption", output=variant_dir / "bf16-bundle", opset=18)

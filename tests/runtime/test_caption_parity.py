@@ -20,19 +20,19 @@ def _cases(n=60, seed=7):
     for i in range(n):
         beams = int(BEAMS[i % len(BEAMS)])
         max_new = int(rng.choice([1, 3, 8, 15]))
-        cases.append(dict(
-            batch=int(rng.choice([1, 2])),
-            num_beams=beams,
-            max_new_tokens=max_new,
-            min_new_tokens=min(max_new, int(rng.choice([0, 0, 2]))),
-            length_penalty=float(rng.choice([-0.5, 0.0, 1.0, 1.5])),
-            early_stopping=EARLY[int(rng.integers(3))],
-            no_repeat_ngram_size=int(rng.choice([0, 0, 2])),
-            repetition_penalty=float(rng.choice([1.0, 1.0, 1.4])),
-            num_return_sequences=int(rng.integers(1, beams + 1)),
-            prompt=[None, "a picture of"][int(rng.integers(2))],
-            seed=i,
-        ))
+        cases.append({
+            "batch": int(rng.choice([1, 2])),
+            "num_beams": beams,
+            "max_new_tokens": max_new,
+            "min_new_tokens": min(max_new, int(rng.choice([0, 0, 2]))),
+            "length_penalty": float(rng.choice([-0.5, 0.0, 1.0, 1.5])),
+            "early_stopping": EARLY[int(rng.integers(3))],
+            "no_repeat_ngram_size": int(rng.choice([0, 0, 2])),
+            "repetition_penalty": float(rng.choice([1.0, 1.0, 1.4])),
+            "num_return_sequences": int(rng.integers(1, beams + 1)),
+            "prompt": [None, "a picture of"][int(rng.integers(2))],
+            "seed": i,
+        })
     return cases
 
 

@@ -154,7 +154,7 @@ def test_runtime_never_imports_torch(blip_bundle, photo_path, tmp_path):
         banned = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'PIL'))
         print('BANNED', banned)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
                          env={"EDGERUN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert "BANNED []" in out.stdout
