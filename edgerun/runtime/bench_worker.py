@@ -7,13 +7,11 @@ that of numpy, onnxruntime and the runtime (or, for the torch side, of torch and
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
-from pathlib import Path
 
 from ..errors import EdgeRunError
-from .bench import DECODE_PARTS, QUESTIONS, TEXTS, TORCH_STAGES, BenchOptions, _cores
+from .bench import DECODE_PARTS, QUESTIONS, TEXTS, BenchOptions
 
 
 class _Inputs:
@@ -149,83 +147,15 @@ def edgerun_worker(spec: dict) -> dict:
                    disk_bytes=model.bundle.size_bytes(), provenance=model.manifest.provenance)
 
 
-class _TorchJob:
-    """transformers generate() on one batch per call; stages timed by hooks on the model's parts."""
-
-    def __init__(self, model, processor, tokenizer, task: str, options: BenchOptions, inputs: _Inputs,
-                 parts: dict):
-        from .image import load_image
-
-        self.model, self.processor, self.tokenizer = model, processor, tokenizer
-        self.task, self.options, self.inputs, self.load_image = task, options, inputs, load_image
-        self.outputs = {"captions": [None] * len(inputs.pool)}
-        self.decoder_calls = 0
-        self.calls: dict[str, list[float]] = {stage: [] for stage in parts}
-        for stage, attr in parts.items():
-            module, began, took = getattr(model, attr), [], self.calls[stage]
-            module.register_forward_pre_hook(lambda *_, b=began: b.append(time.perf_counter()))
-            module.register_forward_hook(lambda *_, b=began, t=took: t.append(time.perf_counter() - b.pop()))
-
-    def __call__(self, call: int) -> dict[str, float]:
-        import torch
-
-        idx = self.inputs.indices(call)
-        for times in self.calls.values():
-            times.clear()
-        start = time.perf_counter()
-        images = [self.load_image(self.inputs.pool[k]) for k in idx]
-        feeds = {"pixel_values": self.processor(images=images, return_tensors="pt")["pixel_values"]}
-        if self.task == "vqa":
-            questions = [QUESTIONS[k % len(QUESTIONS)] for k in idx]
-            enc = self.tokenizer(questions, padding=True, return_tensors="pt")
-            feeds.update(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-        t_pre = time.perf_counter() - start
-        with torch.inference_mode():
-            out = self.model.generate(**feeds, **self.options.decoding())
-        t_gen = time.perf_counter() - start - t_pre
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        total = time.perf_counter() - start
-        dec = self.calls["decoder"]
-        stages = {"preprocess": t_pre, **{k: sum(v) for k, v in self.calls.items() if k != "decoder"},
-                  "decoder_first": dec[0], "decoder_per_token": statistics.fmean(dec[1:] or [0.0]),
-                  "beam_bookkeeping": t_gen - sum(map(sum, self.calls.values())),
-                  "postprocess": total - t_pre - t_gen, "end_to_end": total}
-        seen = self.outputs["captions"]
-        for k, ids, text in zip(idx, out.tolist(), texts):
-            seen[k] = seen[k] or {"text": text.strip(), "token_ids": ids}
-        self.decoder_calls = len(dec)
-        return stages
-
-
-def torch_worker(spec: dict) -> dict:
-    start = time.time()
-    import torch
-    import transformers
-
-    imported = time.time()
-    options = BenchOptions(**spec["options"])
-    torch.set_num_threads(options.threads or _cores())
-    folder = spec["folder"]
-    model = getattr(transformers, spec["architecture"]).from_pretrained(folder, dtype=torch.float32).eval()
-    processor = transformers.AutoImageProcessor.from_pretrained(folder, backend="pil")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    loaded = time.time()
-    inputs = _Inputs(spec["images"], options.batch)
-    parts = TORCH_STAGES[spec["architecture"]]
-    job = _TorchJob(model, processor, tokenizer, spec["task"], options, inputs, parts)
-    samples, modules, first = _timed_calls(job, options, {})
-    weights = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")]
-    prov = {"source": f"hf:{folder}", "architecture": spec["architecture"],
-            "libraries": {"torch": torch.__version__, "transformers": transformers.__version__}}
-    return _result(spec, (start, imported, loaded, first), samples, modules, job, work={}, path=folder,
-                   peak_rss_bytes=_peak_rss_bytes(), disk_bytes=sum(p.stat().st_size for p in weights),
-                   provenance=prov)
-
-
 def _worker_main(kind: str) -> int:
     spec = json.loads(sys.stdin.read())
     try:
-        result = {"edgerun": edgerun_worker, "torch": torch_worker}[kind](spec)
+        if kind == "torch":  # transformers generate(): torch lives under export/, never in the runtime
+            from ..export.bench_torch import torch_worker
+
+            result = torch_worker(spec)
+        else:
+            result = edgerun_worker(spec)
     except EdgeRunError as exc:
         print(json.dumps({"error": str(exc)}))
         return 2
