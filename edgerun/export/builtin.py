@@ -31,12 +31,11 @@ import torch
 
 from ..bundle import BundleWriter, sha256_file
 from ..errors import OptionError, UnsupportedModelError
-from ..manifest import Manifest, ModuleSpec, TaskSpec
+from ..manifest import Manifest, TaskSpec
 from ..models.families import graphs as g
 from ..models.families.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from ..runtime.onnxrt import OnnxRuntimeRunner
-from .onnx import EXTERNAL_DATA_BYTES, GraphSpec, compare, export_graph, io_specs
-from .pipeline import ExportReport
+from .onnx import EXTERNAL_DATA_BYTES, GraphSpec, compare
+from .pipeline import ExportReport, module_specs, write_graphs
 from .retrieval import check_embeddings
 
 PREFIX = "ckpt:"
@@ -84,33 +83,14 @@ def export_checkpoint(source: str | Path, task: str, output: str | Path, *, opse
                                     f"it serves: {', '.join(ckpt.model.tasks)} (or all)")
     exporter = (LstmExporter if ckpt.model.family == "lstm" else TransformerExporter)(ckpt, tasks)
     stages["load"] = time.perf_counter() - t
-    with BundleWriter(output, overwrite=overwrite) as writer:
-        t = time.perf_counter()
-        specs = exporter.graphs()
-        for spec in specs:
-            progress(f"exporting {spec.name}")
-            with warnings.catch_warnings():
-                # The recurrent graphs take their initial state as inputs, which is the exporter's own advice.
-                warnings.filterwarnings("ignore", "Exporting a model to ONNX with a batch_size other than 1",
-                                        UserWarning)
-                export_graph(spec, writer.dir / f"{spec.name}.onnx", opset=opset,
-                             external_data_bytes=external_data_bytes)
-        stages["export"] = time.perf_counter() - t
-        t = time.perf_counter()
-        runners = {s.name: OnnxRuntimeRunner(writer.dir / f"{s.name}.onnx", threads=1) for s in specs}
-        diffs = exporter.verify(lambda name, feeds: runners[name].infer(feeds), atol)
-        runners.clear()  # close the sessions before the directory is renamed
-        stages["verify"] = time.perf_counter() - t
-        progress("parity: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    with BundleWriter(output, overwrite=overwrite) as writer, warnings.catch_warnings():
+        # The recurrent graphs take their initial state as inputs, which is the exporter's own advice.
+        warnings.filterwarnings("ignore", "Exporting a model to ONNX with a batch_size other than 1", UserWarning)
+        specs, diffs = write_graphs(exporter, writer.dir, opset=opset, external_data_bytes=external_data_bytes,
+                                    atol=atol, progress=progress, stages=stages)
         ckpt.tokenizer.save(writer.dir / "tokenizer.json")
         parts = exporter.manifest_parts()
-        modules = {}
-        for spec in specs:
-            inputs, outputs = io_specs(writer.dir / f"{spec.name}.onnx")
-            modules[spec.name] = ModuleSpec(file=f"{spec.name}.onnx", inputs=inputs, outputs=outputs,
-                                            precision="fp32", backends=("cpu", "cuda", "ort-trt"),
-                                            extra={**parts["module_extra"].get(spec.name, {}),
-                                                   "max_abs_diff": diffs.get(spec.name)})
+        modules = module_specs(writer.dir, specs, diffs, parts["module_extra"])
         manifest = Manifest(
             tasks={k: TaskSpec(tuple(v)) for k, v in parts["tasks"].items()}, modules=modules,
             preprocess=ckpt.preprocess.to_dict(), tokenizer={"file": "tokenizer.json"},

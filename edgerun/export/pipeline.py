@@ -64,9 +64,40 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def write_graphs(exporter, folder: Path, *, opset: int, external_data_bytes: int, atol: float | None,
+                 progress: Callable[[str], None], stages: dict[str, float]) -> tuple[list, dict[str, float]]:
+    """Every graph of `exporter` traced into `folder`, then checked against torch on new shapes by
+    the exporter's own `verify`. Returns the specs and the max abs diff per graph."""
+    t = time.perf_counter()
+    specs = exporter.graphs()
+    for spec in specs:
+        progress(f"exporting {spec.name}")
+        export_graph(spec, folder / f"{spec.name}.onnx", opset=opset, external_data_bytes=external_data_bytes)
+    stages["export"] = time.perf_counter() - t
+    t = time.perf_counter()
+    progress("checking every graph against torch on new shapes")
+    diffs = _verify(exporter, folder, specs, atol)
+    stages["verify"] = time.perf_counter() - t
+    progress("parity: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    return specs, diffs
+
+
+def module_specs(folder: Path, specs, diffs: dict[str, float], module_extra: dict) -> dict[str, ModuleSpec]:
+    """Manifest entries of the written graphs: interface read back from the files, the exporter's
+    metadata per graph, and the measured parity."""
+    modules = {}
+    for spec in specs:
+        inputs, outputs = io_specs(folder / f"{spec.name}.onnx")
+        modules[spec.name] = ModuleSpec(file=f"{spec.name}.onnx", inputs=inputs, outputs=outputs,
+                                        precision="fp32", backends=("cpu", "cuda", "ort-trt"),
+                                        extra={**module_extra.get(spec.name, {}),
+                                               "max_abs_diff": diffs.get(spec.name)})
+    return modules
+
+
 def _verify(exporter, folder: Path, specs, atol: float | None) -> dict[str, float]:
     """The exporter's parity checks, run on the written ONNX files; the sessions close on return."""
-    runners = {s.name: OnnxRuntimeRunner(folder / f"{s.name}.onnx") for s in specs}
+    runners = {s.name: OnnxRuntimeRunner(folder / f"{s.name}.onnx", threads=1) for s in specs}
     return exporter.verify(lambda name, feeds: runners[name].infer(feeds), atol)
 
 
@@ -113,27 +144,11 @@ def export(source: str, *, task: str, output: str | Path, opset: int = 17, revis
     _check_image_size(preprocess, exporter.image_hw, ckpt)
     stages["load"] = time.perf_counter() - t
     with BundleWriter(output, overwrite=overwrite) as writer:
-        t = time.perf_counter()
-        specs = exporter.graphs()
-        for spec in specs:
-            progress(f"exporting {spec.name}")
-            export_graph(spec, writer.dir / f"{spec.name}.onnx", opset=opset,
-                         external_data_bytes=external_data_bytes)
-        stages["export"] = time.perf_counter() - t
-        t = time.perf_counter()
-        progress("checking every graph against torch on new shapes")
-        diffs = _verify(exporter, writer.dir, specs, atol)
-        stages["verify"] = time.perf_counter() - t
-        progress("parity: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+        specs, diffs = write_graphs(exporter, writer.dir, opset=opset, external_data_bytes=external_data_bytes,
+                                    atol=atol, progress=progress, stages=stages)
         tokenizer = hf.save_tokenizer(ckpt, writer.dir / "tokenizer.json")
         parts = exporter.manifest_parts(tokenizer)
-        modules = {}
-        for spec in specs:
-            inputs, outputs = io_specs(writer.dir / f"{spec.name}.onnx")
-            modules[spec.name] = ModuleSpec(file=f"{spec.name}.onnx", inputs=inputs, outputs=outputs,
-                                            precision="fp32", backends=("cpu", "cuda", "ort-trt"),
-                                            extra={**parts["module_extra"].get(spec.name, {}),
-                                                   "max_abs_diff": diffs.get(spec.name)})
+        modules = module_specs(writer.dir, specs, diffs, parts["module_extra"])
         decoding = {**parts["decoding"], "generation": hf.generation_defaults(ckpt)}
         manifest = Manifest(
             tasks={k: TaskSpec(**v) for k, v in parts["tasks"].items()},

@@ -25,11 +25,11 @@ from torch import nn
 
 from ..bundle import BundleWriter, sha256_file
 from ..errors import OptionError
-from ..manifest import Manifest, ModuleSpec, TaskSpec
+from ..manifest import Manifest, TaskSpec
 from ..models import zoo
 from ..runtime.preprocess import PreprocessConfig
-from .onnx import EXTERNAL_DATA_BYTES, GraphSpec, export_graph, io_specs
-from .pipeline import ExportReport
+from .onnx import EXTERNAL_DATA_BYTES, GraphSpec
+from .pipeline import ExportReport, module_specs, write_graphs
 from .retrieval import TEXT_AXES, _attend, _heads, _merge, _pixels, check_embeddings
 
 # Sentences for tracing and checking the text graph: real words, so the check sees real activations.
@@ -215,17 +215,8 @@ def write_bundle(exporter: ZooRetrievalExporter, output: str | Path, *, opset: i
     weights = zoo.weight_files(exporter.model)
     stages: dict[str, float] = {}
     with BundleWriter(output, overwrite=overwrite) as writer:
-        t = time.perf_counter()
-        specs = exporter.graphs()
-        for spec in specs:
-            progress(f"exporting {spec.name}")
-            export_graph(spec, writer.dir / f"{spec.name}.onnx", opset=opset, external_data_bytes=external_data_bytes)
-        stages["export"] = time.perf_counter() - t
-        t = time.perf_counter()
-        progress("checking every graph against torch on new shapes")
-        diffs = _verify(exporter, writer.dir, specs, atol)
-        stages["verify"] = time.perf_counter() - t
-        progress("parity: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+        specs, diffs = write_graphs(exporter, writer.dir, opset=opset, external_data_bytes=external_data_bytes,
+                                    atol=atol, progress=progress, stages=stages)
         save_tokenizer(writer.dir / "tokenizer.json")
         manifest = _manifest(exporter, writer.dir, specs, diffs, opset=opset, weights=weights)
         path = writer.commit(manifest)
@@ -234,24 +225,12 @@ def write_bundle(exporter: ZooRetrievalExporter, output: str | Path, *, opset: i
                         sum(p.stat().st_size for p in weights), stages)
 
 
-def _verify(exporter: ZooRetrievalExporter, folder: Path, specs: list[GraphSpec], atol) -> dict[str, float]:
-    from ..runtime.onnxrt import OnnxRuntimeRunner
-
-    runners = {s.name: OnnxRuntimeRunner(folder / f"{s.name}.onnx") for s in specs}
-    return exporter.verify(lambda name, feeds: runners[name].infer(feeds), atol)
-
-
 def _manifest(exporter: ZooRetrievalExporter, folder: Path, specs: list[GraphSpec], diffs: dict, *,
               opset: int, weights: list[Path]) -> Manifest:
     from .hf import library_versions
 
     parts = exporter.manifest_parts()
-    modules = {}
-    for spec in specs:
-        inputs, outputs = io_specs(folder / f"{spec.name}.onnx")
-        modules[spec.name] = ModuleSpec(file=f"{spec.name}.onnx", inputs=inputs, outputs=outputs, precision="fp32",
-                                        backends=("cpu", "cuda", "ort-trt"),
-                                        extra={**parts["module_extra"][spec.name], "max_abs_diff": diffs[spec.name]})
+    modules = module_specs(folder, specs, diffs, parts["module_extra"])
     return Manifest(
         tasks={k: TaskSpec(**v) for k, v in parts["tasks"].items()},
         modules=modules,
