@@ -14,35 +14,18 @@ run is written under a temporary name in its folder, synced and renamed over the
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_write
 from .data import DataError
 
 FORMAT = "edgerun-train-state"
 VERSION = 1
 STATE_FILE = "state.pt"
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Call `write(file)` on a temporary file beside `path`, sync it, and rename it to `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def write_json(path: Path, data) -> Path:

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...atomic import atomic_write
 from ...errors import InputError
 
 FORMAT = "edgerun-checkpoint"
@@ -63,33 +64,7 @@ def save_checkpoint(model, path: str | os.PathLike, *, tokenizer, preprocess=Non
         "answers": list(model.answers) if model.answers is not None else None,
         "metadata": json.loads(json.dumps(metadata or {})),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _sync_dir(path.parent)
-    return path
-
-
-def _sync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot sync a directory; the rename itself is still atomic
-    finally:
-        os.close(fd)
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
