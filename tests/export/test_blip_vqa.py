@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from parity import strip_padding
 
 import edgerun
 from edgerun.errors import InputError, OptionError
@@ -57,11 +58,6 @@ def _pixels(seed, n=1):
     return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
 
 
-def _strip(row, stop):
-    row = list(row)
-    return row[: row.index(stop, 1) + 1] if stop in row[1:] else row
-
-
 def _generate(hf, pixels, question, **kwargs):
     model, tok = hf
     ids = tok([question], return_tensors="pt").input_ids
@@ -79,7 +75,7 @@ def test_answer_matches_generate(model, hf, case):
     got = got if isinstance(got, list) else [got]
     stop = hf[0].config.text_config.sep_token_id
     for r, answer in enumerate(got):
-        assert answer.token_ids == _strip(out.sequences[r].tolist(), stop)
+        assert answer.token_ids == strip_padding(out.sequences[r].tolist(), 1, stop)
         assert answer.text == hf[1].decode(answer.token_ids, skip_special_tokens=True)
         if case["num_beams"] > 1:
             assert answer.score == pytest.approx(float(out.sequences_scores[r]), rel=1e-4, abs=1e-4)
@@ -107,7 +103,8 @@ def test_batch_of_different_lengths_equals_each_alone(model):
 def test_empty_long_and_non_ascii_questions(model, hf):
     pixels = _pixels(3)
     for question in ("", "qu'est-ce que c'est? 猫 ñandú café"):
-        want = _strip(_generate(hf, pixels, question, num_beams=2, max_new_tokens=6).sequences[0].tolist(), 3)
+        out = _generate(hf, pixels, question, num_beams=2, max_new_tokens=6)
+        want = strip_padding(out.sequences[0].tolist(), 1, 3)
         assert model.answer(pixel_values=pixels, question=question, num_beams=2, max_new_tokens=6).token_ids == want
     long_question = " ".join(["dog"] * 200)  # 200 tokens > the tiny model's 64 positions
     with pytest.warns(UserWarning, match="question of 202 tokens truncated to the model's 64"):
@@ -116,7 +113,7 @@ def test_empty_long_and_non_ascii_questions(model, hf):
     ids = tok([long_question], return_tensors="pt", truncation=True, max_length=64).input_ids
     with torch.no_grad():
         want = model_hf.generate(input_ids=ids, pixel_values=torch.from_numpy(pixels), max_new_tokens=4)
-    assert a.token_ids == _strip(want[0].tolist(), 3)
+    assert a.token_ids == strip_padding(want[0].tolist(), 1, 3)
 
 
 def test_answer_from_an_image_file(model, tmp_path):

@@ -3,6 +3,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from parity import assert_matches_generate, strip_padding
 
 import edgerun
 from edgerun.bundle import open_bundle
@@ -74,14 +75,6 @@ def hf_tokenizer(checkpoint):
     return AutoTokenizer.from_pretrained(checkpoint)
 
 
-def _strip(row, prompt_len, stop_id):
-    """generate()'s row without padding: up to and including the first stop token after the prompt."""
-    for i in range(prompt_len, len(row)):
-        if row[i] == stop_id:
-            return row[: i + 1]
-    return row
-
-
 def _prompt(hf_model, hf_tokenizer, case, batch):
     start = [hf_model.generation_config.decoder_start_token_id]
     ids = start + (hf_tokenizer(case["prompt"]).input_ids if case["prompt"] else [])
@@ -109,15 +102,10 @@ def _captions(model, case):
 def test_caption_matches_generate(model, hf_model, hf_tokenizer, case):
     out, prompt_len = _generate(hf_model, hf_tokenizer, _pixels(case), case)
     stop = hf_model.generation_config.eos_token_id
-    n_ret = case["num_return_sequences"]
-    for b, results in enumerate(_captions(model, case)):
-        assert len(results) == n_ret
-        for r, result in enumerate(results):
-            row = out.sequences[b * n_ret + r].tolist()
-            assert result.token_ids == _strip(row, prompt_len, stop)
-            assert result.text == hf_tokenizer.decode(result.token_ids, skip_special_tokens=True)
-            if case["num_beams"] > 1:
-                assert result.score == pytest.approx(float(out.sequences_scores[b * n_ret + r]), rel=1e-4, abs=1e-4)
+    results = _captions(model, case)
+    assert all(len(item) == case["num_return_sequences"] for item in results)
+    assert_matches_generate(results, out, prompt_len=prompt_len, stop_ids=stop, tokenizer=hf_tokenizer,
+                            num_beams=case["num_beams"])
 
 
 def test_cases_cover_early_finish_and_max_length(model):
@@ -198,7 +186,7 @@ def test_real_photo_caption_matches_generate(model, hf_model, checkpoint):
     with torch.no_grad():
         out = hf_model.generate(pixel_values=torch.from_numpy(want_pixels), num_beams=3, max_new_tokens=12,
                                 do_sample=False, output_scores=True, return_dict_in_generate=True)
-    assert res.token_ids == _strip(out.sequences[0].tolist(), 1, hf_model.generation_config.eos_token_id)
+    assert res.token_ids == strip_padding(out.sequences[0].tolist(), 1, hf_model.generation_config.eos_token_id)
     assert res.score == pytest.approx(float(out.sequences_scores[0]), rel=1e-4, abs=1e-4)
 
 
@@ -227,7 +215,7 @@ def test_same_width_encoder_without_projection(tmp_path):
     with torch.no_grad():
         out = hf.generate(pixel_values=torch.from_numpy(pixels), num_beams=2, max_new_tokens=8, do_sample=False)
     for b in range(2):
-        assert got[b].token_ids == _strip(out[b].tolist(), 1, hf.generation_config.eos_token_id)
+        assert got[b].token_ids == strip_padding(out[b].tolist(), 1, hf.generation_config.eos_token_id)
 
 
 def test_non_gpt2_decoder_is_refused():

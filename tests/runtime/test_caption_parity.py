@@ -7,6 +7,7 @@ search, through `Model.caption_batch(pixel_values=...)`.
 import numpy as np
 import pytest
 import torch
+from parity import assert_matches_generate
 
 import edgerun
 
@@ -51,15 +52,6 @@ def hf_tokenizer(blip_checkpoint):
     return AutoTokenizer.from_pretrained(blip_checkpoint)
 
 
-def _strip(row, prompt_len, stop_id):
-    """generate()'s row without padding: up to and including the first stop token after the prompt."""
-    row = list(row)
-    for i in range(prompt_len, len(row)):
-        if row[i] == stop_id:
-            return row[: i + 1]
-    return row
-
-
 def _hf(blip_torch, hf_tokenizer, pixels, case):
     kwargs = {k: case[k] for k in ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty",
                                    "early_stopping", "no_repeat_ngram_size", "repetition_penalty",
@@ -83,15 +75,10 @@ def test_caption_matches_generate(model, blip_torch, hf_tokenizer, case):
     stop = blip_torch.config.text_config.sep_token_id
     prompt_len = 1 if not case["prompt"] else len(hf_tokenizer(case["prompt"]).input_ids) - 1
     n_ret = case["num_return_sequences"]
-    for b in range(case["batch"]):
-        results = got[b] if n_ret > 1 else [got[b]]
-        assert len(results) == n_ret
-        for r, result in enumerate(results):
-            row = out.sequences[b * n_ret + r].tolist()
-            assert result.token_ids == _strip(row, prompt_len, stop)
-            assert result.text == hf_tokenizer.decode(result.token_ids, skip_special_tokens=True)
-            if case["num_beams"] > 1:
-                assert result.score == pytest.approx(float(out.sequences_scores[b * n_ret + r]), rel=1e-4, abs=1e-4)
+    results = [g if n_ret > 1 else [g] for g in got]
+    assert [len(item) for item in results] == [n_ret] * case["batch"]
+    assert_matches_generate(results, out, prompt_len=prompt_len, stop_ids=stop, tokenizer=hf_tokenizer,
+                            num_beams=case["num_beams"])
 
 
 def test_cases_cover_early_finish_and_max_length(model):

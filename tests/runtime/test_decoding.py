@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+from parity import strip_padding
 
 from edgerun.errors import EdgeRunError, OptionError
 from edgerun.runtime.decoding import (
@@ -138,14 +139,6 @@ def _generate(model, prompt, encoder, case):
     )
 
 
-def _strip(row: list[int], prompt_length: int, stop_ids: list[int]) -> list[int]:
-    """An HF row without its padding: up to the first stop token after the prompt, else all of it."""
-    for i, token in enumerate(row[prompt_length:], start=prompt_length):
-        if token in stop_ids:
-            return row[: i + 1]
-    return row
-
-
 def _outcomes(case, hf_rows: list[list[int]], rows: list[list[int]]) -> list[tuple[bool, bool]]:
     """For each returned sequence: did it finish before max length, and did generate() pad it?"""
     limit = case["prompt_length"] + case["options"].max_new_tokens
@@ -171,7 +164,7 @@ def test_decode_matches_generate(model, case):
     out = _generate(model, prompt, encoder, case)
 
     hf_rows = out.sequences.tolist()
-    rows = [_strip(row, prompt_length, case["stop_ids"]) for row in hf_rows]
+    rows = [strip_padding(row, prompt_length, case["stop_ids"]) for row in hf_rows]
     n_return = options.num_return_sequences
     expected = [rows[i * n_return:(i + 1) * n_return] for i in range(case["n_batch"])]
     assert [[h.token_ids for h in item] for item in got] == expected
@@ -197,7 +190,7 @@ def test_decode_matches_generate_with_a_large_vocabulary(large_model, case):
     got = decode(TorchInference(large_model, encoder), prompt, options, stop_ids=case["stop_ids"],
                  pad_id=case["pad_id"])
     out = _generate(large_model, prompt, encoder, case)
-    rows = [_strip(row, case["prompt_length"], case["stop_ids"]) for row in out.sequences.tolist()]
+    rows = [strip_padding(row, case["prompt_length"], case["stop_ids"]) for row in out.sequences.tolist()]
     assert [h.token_ids for item in got for h in item] == rows
     np.testing.assert_allclose([h.score for item in got for h in item], out.sequences_scores.numpy(), rtol=1e-4)
 
@@ -226,7 +219,7 @@ def test_cases_finish_early_and_at_max_length(model):
         if case["seed"] not in _OUTCOMES:  # run alone: compute from generate()
             prompt, encoder = _inputs(case)
             hf_rows = _generate(model, prompt, encoder, case).sequences.tolist()
-            rows = [_strip(row, case["prompt_length"], case["stop_ids"]) for row in hf_rows]
+            rows = [strip_padding(row, case["prompt_length"], case["stop_ids"]) for row in hf_rows]
             _OUTCOMES[case["seed"]] = _outcomes(case, hf_rows, rows)
     for greedy in (True, False):
         seen = [o for c in CASES if (c["options"].num_beams == 1) == greedy for o in _OUTCOMES[c["seed"]]]
