@@ -11,8 +11,16 @@ Each quantized MatMul becomes the standard-op pattern onnxruntime fuses into one
     x -> DynamicQuantizeLinear -> (x_q, x_scale, x_zero) ; MatMulInteger(x_q, w_q, x_zero)
       -> Cast(float) -> Mul(x_scale * w_scale) -> y
 
-Only MatMuls with a constant weight are rewritten (Gemm stays float, so a tied LM head keeps its
-one copy); the layers kept float (the head, --keep-float, sensitivity) are left alone.
+A Gemm with a constant weight (the LM head, `transB=1`: weight (vocab, hidden)) is rewritten the
+same way, its int8 weight stored transposed, (hidden, vocab), as MatMulInteger wants it. Where that
+weight is also the token embedding (a tied head), it stays ONE int8 copy: the embedding Gathers
+read columns of the transposed table and rescale them by the same per-token scales,
+
+    ids -> Gather(w_qT, axis=1) -> Transpose -> Cast(float) -> Mul(Gather(w_scale, ids)) -> embeds
+
+so the head, the largest single read of a decode step, costs a quarter of its float bytes. The
+head is quantized only when the plan asks for it (it stays float by default); the other layers
+kept float (--keep-float, sensitivity) are left alone.
 """
 from __future__ import annotations
 
@@ -25,63 +33,156 @@ from .nodes import Target
 from .qdq import quantize_weight, weight_scales
 
 
-def _rewrite(graph, node, t: Target, w: np.ndarray, per_channel: bool, made: dict) -> list:
-    """The nodes replacing MatMul `node` (target `t`, weight `w`); an activation read by several
-    MatMuls is quantized once."""
-    from onnx import TensorProto, helper, numpy_helper
+def _attr(node, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return a.f if a.type == a.FLOAT else a.i
+    return default
 
-    out, nodes = node.output[0], []
-    if t.activation not in made:
-        q = [f"{t.activation}_{s}" for s in ("quantized", "scale", "zero_point")]
-        nodes.append(helper.make_node("DynamicQuantizeLinear", [t.activation], q,
-                                      name=f"{t.activation}_DynamicQuantizeLinear"))
-        made[t.activation] = q
-    x_q, x_scale, x_zero = made[t.activation]
-    axis = t.axis if per_channel else None
-    scale = weight_scales(w, axis)
-    w_q, w_scale = f"{t.weight}_quantized", f"{t.weight}_scale"
-    if t.weight not in made:
-        graph.initializer.extend([numpy_helper.from_array(quantize_weight(w, scale, axis), w_q),
-                                  numpy_helper.from_array(scale, w_scale)])
-        made[t.weight] = True
-    base = t.node
-    nodes += [
-        helper.make_node("MatMulInteger", [x_q, w_q, x_zero], [f"{base}_int32"], name=f"{base}_quant"),
-        helper.make_node("Cast", [f"{base}_int32"], [f"{base}_float"], name=f"{base}_cast", to=TensorProto.FLOAT),
-        helper.make_node("Mul", [x_scale, w_scale], [f"{base}_scales"], name=f"{base}_scales_mul"),
-        helper.make_node("Mul", [f"{base}_float", f"{base}_scales"], [out], name=f"{base}_output_scale_mul"),
-    ]
-    return nodes
+
+def _plain_gemm(node) -> bool:
+    """A Gemm that is `x @ W.T (+ C)`: the form a tied LM head takes."""
+    return (_attr(node, "transA", 0) == 0 and _attr(node, "transB", 0) == 1
+            and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0)
+
+
+def rewritable(graph, targets: Sequence[Target]) -> list[Target]:
+    """The targets this rewrite handles: constant-weight MatMuls, and `x @ W.T + C` Gemms whose
+    weight is read otherwise only by Gathers on axis 0 (a tied embedding)."""
+    nodes = {n.name: n for n in graph.node}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n)
+    out = []
+    for t in targets:
+        node = nodes[t.node]
+        if t.op == "MatMul" and len(readers[t.weight]) == 1:
+            out.append(t)
+        elif t.op == "Gemm" and _plain_gemm(node) and all(
+                r is node or (r.op_type == "Gather" and r.input[0] == t.weight and _attr(r, "axis", 0) == 0)
+                for r in readers[t.weight]):
+            out.append(t)
+    return out
+
+
+class _Rewriter:
+    """Emits the integer nodes; an activation read by several layers is quantized once."""
+
+    def __init__(self, graph, per_channel: bool):
+        from onnx import numpy_helper
+
+        self.graph, self.per_channel = graph, per_channel
+        self.inits = {i.name: i for i in graph.initializer}
+        self.to_array, self.from_array = numpy_helper.to_array, numpy_helper.from_array
+        self.quantized: dict[str, tuple[str, str]] = {}  # activation -> (x_q, x_scale, x_zero)
+        self.weights: dict[str, tuple[str, str]] = {}  # float weight -> (int8 (in, out), scales)
+
+    def weight(self, t: Target) -> tuple[str, str]:
+        """The int8 weight, laid out (in, out) for MatMulInteger, and its per-output scales."""
+        if t.weight not in self.weights:
+            w = self.to_array(self.inits[t.weight]).astype(np.float32)
+            axis = t.axis if self.per_channel else None
+            scale = weight_scales(w, axis)
+            w_q = quantize_weight(w, scale, axis)
+            if t.op == "Gemm":  # (out, in) -> (in, out); per-row scales stay per output channel
+                w_q = np.ascontiguousarray(w_q.T)
+            names = (f"{t.weight}_quantized", f"{t.weight}_scale")
+            self.graph.initializer.extend([self.from_array(w_q, names[0]), self.from_array(scale, names[1])])
+            self.weights[t.weight] = names
+        return self.weights[t.weight]
+
+    def layer(self, node, t: Target) -> list:
+        from onnx import TensorProto, helper
+
+        nodes = []
+        if t.activation not in self.quantized:
+            q = [f"{t.activation}_{s}" for s in ("quantized", "scale", "zero_point")]
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [t.activation], q,
+                                          name=f"{t.activation}_DynamicQuantizeLinear"))
+            self.quantized[t.activation] = q
+        x_q, x_scale, x_zero = self.quantized[t.activation]
+        w_q, w_scale = self.weight(t)
+        base, out = t.node, node.output[0]
+        scaled = f"{base}_matmul" if t.op == "Gemm" and len(node.input) > 2 else out
+        nodes += [
+            helper.make_node("MatMulInteger", [x_q, w_q, x_zero], [f"{base}_int32"], name=f"{base}_quant"),
+            helper.make_node("Cast", [f"{base}_int32"], [f"{base}_float"], name=f"{base}_cast",
+                             to=TensorProto.FLOAT),
+            helper.make_node("Mul", [x_scale, w_scale], [f"{base}_scales"], name=f"{base}_scales_mul"),
+            helper.make_node("Mul", [f"{base}_float", f"{base}_scales"], [scaled], name=f"{base}_output_scale_mul"),
+        ]
+        if scaled != out:
+            nodes.append(helper.make_node("Add", [scaled, node.input[2]], [out], name=f"{base}_bias_add"))
+        return nodes
+
+    def embedding(self, node) -> list:
+        """A Gather of rows of a quantized tied weight: columns of its transposed int8 table, rescaled."""
+        from onnx import TensorProto, helper
+
+        w_q, w_scale = self.weights[node.input[0]]
+        ids, out, base = node.input[1], node.output[0], node.name
+        return [
+            helper.make_node("Gather", [w_q, ids], [f"{base}_cols"], name=f"{base}_int8", axis=1),
+            helper.make_node("Cast", [f"{base}_cols"], [f"{base}_cols_float"], name=f"{base}_cast",
+                             to=TensorProto.FLOAT),
+            helper.make_node("Gather", [w_scale, ids], [f"{base}_scale"], name=f"{base}_scale", axis=0),
+            helper.make_node("Unsqueeze", [f"{base}_scale", f"{base}_axis0"], [f"{base}_scale_row"],
+                             name=f"{base}_scale_row"),
+            helper.make_node("Mul", [f"{base}_cols_float", f"{base}_scale_row"], [f"{base}_scaled"],
+                             name=f"{base}_rescale"),
+            # (hidden, *ids) -> (*ids, hidden): the rank of `ids` is known from the float Gather's use
+            helper.make_node("Transpose", [f"{base}_scaled"], [out], name=f"{base}_transpose",
+                             perm=self._perm(ids)),
+        ]
+
+    def _perm(self, ids: str) -> list[int]:
+        rank = self.ranks.get(ids, 2)
+        return list(range(1, rank + 1)) + [0]
+
+
+def _ranks(graph) -> dict[str, int]:
+    """Ranks of the graph inputs and known value infos (the embedding ids are graph inputs)."""
+    out = {}
+    for v in list(graph.input) + list(graph.value_info):
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            out[v.name] = len(v.type.tensor_type.shape.dim)
+    return out
 
 
 def quantize_dynamic_weights(model, targets: Sequence[Target], *, per_channel: bool = True) -> int:
-    """Rewrite the MatMul `targets` of `model` (an onnx ModelProto, weights loaded) in place with
-    int8 weights and run-time activation quantization; returns how many were rewritten."""
-    from onnx import numpy_helper
+    """Rewrite the linear `targets` of `model` (an onnx ModelProto, weights loaded) in place with
+    int8 weights and run-time activation quantization; returns how many were rewritten. Targets
+    this rewrite cannot express (a Gemm with other attributes, a weight read elsewhere) stay float."""
+    from onnx import helper
 
     graph = model.graph
-    chosen = {t.node: t for t in targets if t.op == "MatMul"}
-    inits = {i.name: i for i in graph.initializer}
-    made: dict = {}
+    chosen = {t.node: t for t in rewritable(graph, targets)}
+    rw = _Rewriter(graph, per_channel)
+    rw.ranks = _ranks(graph)
+    tied = {t.weight for t in chosen.values() if t.op == "Gemm"}
     nodes = []
     for node in graph.node:
         t = chosen.get(node.name)
-        if t is None:
+        if t is not None:
+            nodes += rw.layer(node, t)
+        elif node.op_type == "Gather" and node.input[0] in tied:
+            rw.weight(next(c for c in chosen.values() if c.weight == node.input[0]))
+            nodes += rw.embedding(node)
+            graph.initializer.append(helper.make_tensor(f"{node.name}_axis0", 7, [1], [0]))
+        else:
             nodes.append(node)
-            continue
-        w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
-        nodes += _rewrite(graph, node, t, w, per_channel, made)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [i for i in graph.initializer if i.name in used or i.name not in {t.weight for t in chosen.values()}]
+    replaced = {t.weight for t in chosen.values()}
+    keep = [i for i in graph.initializer if i.name not in replaced]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     return len(chosen)
 
 
 def write_dynamic(src: Path, dst: Path, targets: Sequence[Target], *, per_channel: bool = True) -> int:
-    """Write the decoder `src` with dynamic INT8 MatMuls to `dst` (weights in `dst`.data)."""
+    """Write the decoder `src` with dynamic INT8 linear layers to `dst` (weights in `dst`.data)."""
     import onnx
 
     from .nodes import name_nodes
