@@ -59,6 +59,7 @@ def export_graph(spec: GraphSpec, path: Path, *, opset: int = 17,
     for stray in [p for p in tmp.parent.iterdir() if p.suffix == "" and p.name.startswith("onnx__")]:
         stray.unlink()  # the legacy exporter's external-data files of >2 GB models
     check_graph(model, spec.name)
+    short_tensor_names(model.graph)
     weights = sum(t.ByteSize() for t in model.graph.initializer)
     if weights > external_data_bytes:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -78,6 +79,22 @@ def _fix_static_output_dims(model, spec: GraphSpec, outputs: tuple) -> None:
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
             if axis not in dynamic and not dim.HasField("dim_value"):
                 dim.dim_value = int(traced.shape[axis])
+
+
+def short_tensor_names(graph) -> None:
+    """Rename the intermediate tensors of `graph` `t0`, `t1`, ... in node order. The exporter names
+    them after the module path (`/text_decoder/bert/encoder/layer.0/.../MatMul_output_0`), which
+    made up half of a graph file; node names, graph inputs/outputs and initializers keep theirs."""
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    renamed: dict[str, str] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = renamed.get(name, name)
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                renamed[name] = node.output[i] = f"t{len(renamed)}"
+    for value in graph.value_info:
+        value.name = renamed.get(value.name, value.name)
 
 
 def check_graph(model, name: str) -> None:

@@ -40,6 +40,10 @@ def make_inference(runner, values: Mapping[str, np.ndarray], batch: int, beams: 
         raise BundleError(f"decoder {runner.path.name}: unknown cache type {kind!r}; "
                           f"valid: {', '.join(CACHE_TYPES)}")
     cross = decoder_feeds(runner, values, STEP_INPUTS)
+    if getattr(runner, "device_resident", False):  # IO binding: the cache stays on the runner's device
+        from .iobinding import DeviceDecoderInference
+
+        return DeviceDecoderInference(runner, cross, batch * beams, capacity, cache)
     return DecoderInference(runner, cross, batch * beams, capacity, cache)
 
 
@@ -68,9 +72,13 @@ class DecoderInference:
         return out["logits"]
 
     def rearrange_kv_cache(self, source_indices: np.ndarray) -> None:
+        """Row r of the cache becomes row source_indices[r]: one strided copy per row into the
+        spare buffers, then a swap (a gather along the row axis with np.take ran at half the speed:
+        its inner chunks are one row's heads x dims)."""
         n = self.length
-        np.take(self._key[:n], source_indices, axis=2, out=self._spare_key[:n])
-        np.take(self._value[:n], source_indices, axis=2, out=self._spare_value[:n])
+        for cache, spare in ((self._key, self._spare_key), (self._value, self._spare_value)):
+            for row, source in enumerate(source_indices.tolist()):
+                spare[:n, :, row] = cache[:n, :, source]
         self._key, self._spare_key = self._spare_key, self._key
         self._value, self._spare_value = self._spare_value, self._value
 

@@ -44,25 +44,61 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def session_options(threads: int | None):
+_shared_pool_threads: int | None = None  # threads of the process-wide pool; 0 once unavailable
+
+
+def shared_pool(threads: int) -> bool:
+    """Whether sessions of `threads` threads run on onnxruntime's process-wide intra-op pool.
+
+    Opt-in (EDGERUN_ORT_SHARED_POOL=1), for processes edge-run owns (a camera loop, the server):
+    once onnxruntime has made its global pool, every later session of the process must use it,
+    the user's own sessions included. The first caller sizes the pool; a later one asking for
+    another size still gets it (the pool cannot be replaced). One pool serves all of a bundle's
+    sessions with one set of workers, which then spin between ops (onnxruntime offers no spin
+    control for the global pool from Python)."""
+    global _shared_pool_threads
+    if _shared_pool_threads is None:
+        if os.environ.get("EDGERUN_ORT_SHARED_POOL", "0") != "1":
+            return False
+        import onnxruntime.capi._pybind_state as C
+
+        try:
+            C.set_global_thread_pool_sizes(threads, 1)
+            _shared_pool_threads = threads
+        except Exception:  # sessions of this process already run on per-session pools
+            _shared_pool_threads = 0
+    return bool(_shared_pool_threads)
+
+
+def session_options(threads: int | None, *, shared: bool = False):
+    """Options for one session: `threads` intra-op threads (None: the usable cores), sequential
+    execution, all graph optimizations, no spinning. `shared`: run on the process-wide pool where
+    it is enabled (`shared_pool`); once that pool exists, every session must."""
     import onnxruntime as ort
 
+    threads = threads or default_threads()
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or default_threads()
-    so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if _shared_pool_threads or (shared and shared_pool(threads)):
+        so.use_per_session_threads = False  # sizes and spinning are the pool's
+        return so
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
     # Spinning workers of several sessions steal the few cores from each other (FACTS.md).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
     return so
 
 
 class OnnxRuntimeRunner:
     """One ONNX file in one onnxruntime session."""
 
-    def __init__(self, path: str | Path, *, backend: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | Path, *, backend: str = "cpu", threads: int | None = None,
+                 provider_options: dict | None = None):
+        """provider_options: {provider name: its options}, e.g. the TensorRT provider's caches and
+        profile shapes (edgerun.runtime.iobinding.ort_trt_options)."""
         import onnxruntime as ort
 
         if backend not in _PROVIDERS:
@@ -76,8 +112,8 @@ class OnnxRuntimeRunner:
         self.path = Path(path)
         try:
             self.session = ort.InferenceSession(
-                str(self.path), session_options(threads),
-                providers=[p for p in _PROVIDERS[backend] if p in available])
+                str(self.path), session_options(threads, shared=backend == "cpu"),
+                providers=[(p, (provider_options or {}).get(p, {})) for p in _PROVIDERS[backend] if p in available])
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise BundleError(f"{self.path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from exc
         self.inputs = [self._spec(i) for i in self.session.get_inputs()]

@@ -192,3 +192,14 @@ def test_processor_size_must_match_the_vision_model(blip_checkpoint, tmp_path):
     with pytest.raises(ExportError, match="makes 64x64 images but the vision model takes 32x32"):
         export(f"hf:{ckpt}", task="caption", output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_intermediate_tensors_have_short_names(blip_bundle):
+    import onnx
+
+    graph = onnx.load(str(blip_bundle / "decoder.onnx"), load_external_data=False).graph
+    io = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    inner = [o for n in graph.node for o in n.output if o not in io]
+    assert inner and all(o.startswith("t") and o[1:].isdigit() for o in inner)
+    assert len(set(inner)) == len(inner)
+    assert any(n.name.startswith("/") for n in graph.node)  # node names still tell the module path
