@@ -78,11 +78,12 @@ def torch_worker(spec: dict) -> dict:
     parts = TORCH_STAGES[spec["architecture"]]
     job = _TorchJob(model, processor, tokenizer, spec["task"], options, inputs, parts)
     samples, modules, first = _timed_calls(job, options, {})
-    weights = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")]
+    # the whole checkpoint folder (weights, tokenizer, configs), as a bundle counts all its files
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
     prov = {"source": f"hf:{folder}", "architecture": spec["architecture"],
             "libraries": {"torch": torch.__version__, "transformers": transformers.__version__}}
     return _result(spec, (start, imported, loaded, first), samples, modules, job, work={}, path=folder,
-                   peak_rss_bytes=_peak_rss_bytes(), disk_bytes=sum(p.stat().st_size for p in weights),
+                   peak_rss_bytes=_peak_rss_bytes(), disk_bytes=sum(p.stat().st_size for p in files),
                    provenance=prov)
 
 

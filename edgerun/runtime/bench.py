@@ -467,10 +467,13 @@ def run_bench(bundle: str | Path, options: BenchOptions | None = None, progress=
     progress("measuring the machine's peaks" + ("" if options.remeasure_peaks else " (once; cached)"))
     peaks = {b: roofline.peaks(b, threads, remeasure=options.remeasure_peaks) for b in backends}
     runs = []
+    from .tegra import TegraSampler
+    jetson = TegraSampler.start()  # tegrastats during the runs; None off a Jetson
     for backend in backends:
         progress(f"timing {main.path.name} on {backend}")
         runs.append(_measure("edgerun", {**spec, "bundle": str(main.path), "backend": backend}, options,
                              f"{main.path.name} [{backend}]", "main"))
+    machine["jetson"] = jetson.stop() if jetson is not None else None  # power mode, RAM, GPU load, rails
     if other is not None:
         progress(f"timing {other.path.name} on {backends[0]}")
         name = other.path.name if other.path.name != main.path.name else f"{other.path.name} (2)"

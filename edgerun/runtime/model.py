@@ -62,8 +62,16 @@ class Model:
         self.tokenizer = Tokenizer(self.bundle.file(self.manifest.tokenizer["file"]))
         self._runners: dict[str, OnnxRuntimeRunner] = {}
         self.last_timings: dict[str, float] = {}
-        if backend not in ("cpu", "cuda", "ort-trt"):
-            raise OptionError(f"unknown backend {backend!r}; valid: cpu, cuda, ort-trt")
+        if backend not in ("cpu", "cuda", "ort-trt", "tensorrt"):
+            raise OptionError(f"unknown backend {backend!r}; valid: cpu, cuda, ort-trt, tensorrt")
+        if backend == "tensorrt":
+            from .trtapi import import_tensorrt
+
+            import_tensorrt()  # fails now, naming the extra, rather than at the first call
+        elif backend != "cpu":
+            from .iobinding import check_backend
+
+            check_backend(backend)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -109,10 +117,25 @@ class Model:
     def runner(self, module: str) -> OnnxRuntimeRunner:
         """The session of `module`, in the variant made for this backend (e.g. `vision@tensorrt`)."""
         if module not in self._runners:
-            _, spec = select_module(self.manifest, module, self.backend)
-            self._runners[module] = OnnxRuntimeRunner(self.bundle.file(spec.file), backend=self.backend,
-                                                      threads=self.threads)
+            self._runners[module] = self._new_runner(module)
         return self._runners[module]
+
+    def _new_runner(self, module: str):
+        """backend tensorrt: the module's engine (edgerun.runtime.trt); cuda and ort-trt: IO binding
+        on the device (edgerun.runtime.iobinding); cpu: a plain session."""
+        if self.backend == "tensorrt":
+            from .trt import engine_runner
+
+            return engine_runner(self.bundle, module)
+        name, spec = select_module(self.manifest, module, self.backend)
+        if self.backend == "cpu":
+            return OnnxRuntimeRunner(self.bundle.file(spec.file), backend="cpu", threads=self.threads)
+        from .iobinding import IOBindingRunner, ort_trt_options
+
+        options = {"TensorrtExecutionProvider": ort_trt_options(self.bundle, name, spec)} \
+            if self.backend == "ort-trt" else None
+        return IOBindingRunner(self.bundle.file(spec.file), backend=self.backend, threads=self.threads,
+                               provider_options=options)
 
     # -- options -------------------------------------------------------------------------------
 
