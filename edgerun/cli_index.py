@@ -32,7 +32,10 @@ def load_model(bundle: str | os.PathLike):
 @click.option("--ann", is_flag=True, help="also build an HNSW graph for fast approximate search "
               "(pip install 'edge-run[ann]')")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="images embedded per call")
-def index(bundle, paths, output, add, overwrite, ann, batch_size):
+@click.option("--thumbnails", "thumb_size", type=int, default=160, show_default=True,
+              help="keep a JPEG thumbnail of each image, longest side this many pixels, for the kiosk "
+              "page (edge-run serve); 0: none")
+def index(bundle, paths, output, add, overwrite, ann, batch_size, thumb_size):
     """Embed the images in PATHS with BUNDLE into the index OUTPUT.
 
     PATHS are image files, folders (searched recursively for jpg, jpeg, png, webp, bmp, tif, tiff)
@@ -42,7 +45,7 @@ def index(bundle, paths, output, add, overwrite, ann, batch_size):
 
     model = load_model(bundle)
     report = build_index(model, paths, output=output, add=add, overwrite=overwrite, ann=ann,
-                         batch_size=batch_size, progress=_progress_printer())
+                         batch_size=batch_size, thumbnails=thumb_size or None, progress=_progress_printer())
     graph = (f"HNSW graph (M={report.ann.connectivity}, ef={report.ann.expansion_search})" if report.ann
              else "exact search only")
     already = f", {report.already} already indexed" if report.already else ""

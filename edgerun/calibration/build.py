@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..manifest import ModuleSpec
 from .nodes import Target, find_targets, float_nodes, name_nodes
+from .shared import share_weights
 from .stats import Range
 
 CPU_BACKENDS = ("cpu", "cuda")
@@ -86,6 +87,9 @@ def _save(model, dst: Path) -> None:
 
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=dst.name + ".data", size_threshold=1024)
+    data = dst.with_name(dst.name + ".data")
+    if data.exists():
+        data.chmod(0o644)  # onnx writes 0600; a service account must read the bundle
 
 
 def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, scheme: str, per_channel: bool) -> int:
@@ -126,6 +130,7 @@ def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Pa
     if ranges:
         trt_file = f"{plan.name}.int8-{TRT_TAG}.onnx"
         n = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel)
+        share_weights(out_dir / cpu_file, out_dir / trt_file)  # the int8 weights both read, stored once
         variants.append(Variant(f"{plan.name}@{TRT_TAG}", plan.name, trt_file, TRT_BACKENDS, "s8s8-qdq", "int8", n))
     progress(f"{plan.name}: {len(plan.quantized)} of {len(plan.targets)} linear layers INT8, "
              f"{len(plan.kept)} kept float ({', '.join(v.module for v in variants)})")

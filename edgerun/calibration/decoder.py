@@ -192,4 +192,7 @@ def write_dynamic(src: Path, dst: Path, targets: Sequence[Target], *, per_channe
     count = quantize_dynamic_weights(model, targets, per_channel=per_channel)
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=dst.name + ".data", size_threshold=1024)
+    data = dst.with_name(dst.name + ".data")
+    if data.exists():
+        data.chmod(0o644)  # onnx writes 0600; a service account must read the bundle
     return count

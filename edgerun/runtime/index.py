@@ -6,6 +6,8 @@ On disk an index is a directory:
     INDEX/vectors-<gen>.npy     (count, dim) float32, L2-normalised; row i is item i
     INDEX/items-<gen>.jsonl     one {"path": ...} per line, absolute paths
     INDEX/ann-<gen>.usearch     optional HNSW graph (usearch, inner product), keys = row numbers
+    INDEX/thumbs-<gen>.jpgs     optional thumbnails (edgerun.runtime.thumbnails), made at index time;
+                                items lines then say where each row's JPEG lies: "thumb": [offset, size]
 
 A write puts a new generation's files beside the old ones (each through a temporary name,
 fsynced, renamed), then replaces index.json, then deletes the files it no longer names. A crash
@@ -30,6 +32,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import EdgeRunError, InputError, MissingDependencyError, OptionError, require
+from . import thumbnails as th
 from .image import load_image
 
 FORMAT = "edgerun-index"
@@ -37,7 +40,7 @@ VERSION = 1
 META_NAME = "index.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 IDENTITY_KEYS = ("source", "architecture", "weights_sha256")  # what a quantized twin shares
-_DATA_FILE = re.compile(r"^(vectors|items|ann)-[0-9a-f]{8}\.(npy|jsonl|usearch)$")
+_DATA_FILE = re.compile(r"^(vectors|items|ann|thumbs)-[0-9a-f]{8}\.(npy|jsonl|usearch|jpgs)$")
 _TEMP_FILE = re.compile(r"^\.tmp-[0-9a-f]{8}\.")
 _SCORE_BUDGET = 1 << 23  # floats of (queries, gallery) scores held at once by exact search: 32 MB
 
@@ -82,6 +85,7 @@ class IndexMeta:
     files: dict  # role (vectors, items, ann) -> file name in the index directory
     sizes: dict  # file name -> size in bytes
     ann: AnnSettings | None = None
+    thumb_size: int | None = None  # longest side of the thumbnails, None where there are none
     edgerun_version: str = ""
     format: str = FORMAT
     version: int = VERSION
@@ -106,7 +110,7 @@ class IndexMeta:
             raise IndexFileError(f"{where} is malformed: {exc}") from None
         kinds = {"dim": int, "count": int, "identity": dict, "files": dict, "sizes": dict, "bundle": str}
         wrong = [k for k, kind in kinds.items() if not isinstance(getattr(meta, k), kind)]
-        roles = ("vectors", "items") + (("ann",) if ann else ())
+        roles = ("vectors", "items") + (("ann",) if ann else ()) + (("thumbs",) if meta.thumb_size else ())
         if wrong or set(meta.files) != set(roles) or set(meta.files.values()) != set(meta.sizes):
             raise IndexFileError(f"{where} is malformed: bad {', '.join(wrong) or 'files or sizes'}")
         if not all(isinstance(name, str) and _DATA_FILE.match(name) for name in meta.files.values()):
@@ -181,6 +185,7 @@ def _expand(path: Path, found: list[str], skipped: list[Skipped], lists: bool) -
 
 def build_index(model, paths: Iterable[str | os.PathLike], *, output: str | os.PathLike, add: bool = False,
                 overwrite: bool = False, ann: bool | AnnSettings = False, batch_size: int = 32,
+                thumbnails: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> IndexReport:
     """Embed the images under `paths` with `model` and write the index `output`.
 
@@ -188,6 +193,9 @@ def build_index(model, paths: Iterable[str | os.PathLike], *, output: str | os.P
         images it already holds; without it an existing index is refused unless `overwrite`.
     ann : also keep an HNSW graph for approximate search (True for the default `AnnSettings`). An
         index that has one extends it on `add` whatever `ann` says.
+    thumbnails : also keep a JPEG thumbnail of each image, its longest side this many pixels (e.g.
+        `thumbnails.DEFAULT_SIZE`), for galleries that must not decode full photos. An index that has
+        them keeps making them on `add`, at its size; adding them to one without makes the old rows' too.
     progress : called as progress(images_done, images_total) after each batch.
     Unreadable images are skipped and reported, never fatal.
     """
@@ -201,19 +209,22 @@ def build_index(model, paths: Iterable[str | os.PathLike], *, output: str | os.P
     settings = old.meta.ann if old is not None and old.meta.ann else _ann_settings(ann)
     if settings is not None:
         _usearch()  # fail now, not after an hour of embedding
+    thumb_size = (old.meta.thumb_size if old is not None and old.meta.thumb_size
+                  else th.check_size(thumbnails) if thumbnails is not None else None)
     images, skipped = collect_images(paths)
     known = set(old.items) if old is not None else set()
     todo = [p for p in images if p not in known]
-    vectors, kept = _embed_images(model, todo, batch_size, progress, skipped)
+    vectors, kept, thumbs = _embed_images(model, todo, batch_size, progress, skipped, thumb_size)
     if old is None and not kept:
         why = (f"{len(skipped)} skipped, e.g. {skipped[0].path}: {skipped[0].reason}" if skipped
                else f"no {', '.join(IMAGE_SUFFIXES)} files found")
         raise InputError(f"no image could be indexed from {', '.join(map(str, paths))}: {why}")
-    if kept or old is None or settings != old.meta.ann:
+    if kept or old is None or settings != old.meta.ann or thumb_size != old.meta.thumb_size:
         now = _now()
-        meta = (replace(old.meta, updated=now, ann=settings) if old is not None else
-                IndexMeta(os.path.abspath(model.bundle.path), dict(model.identity), 0, 0, now, now, {}, {}, settings))
-        _extend(output, meta, old, vectors, kept)
+        meta = (replace(old.meta, updated=now, ann=settings, thumb_size=thumb_size) if old is not None else
+                IndexMeta(os.path.abspath(model.bundle.path), dict(model.identity), 0, 0, now, now, {}, {}, settings,
+                          thumb_size))
+        _extend(output, meta, old, vectors, kept, thumbs)
     total = len(kept) + (len(old) if old is not None else 0)
     return IndexReport(output, len(kept), len(images) - len(todo), total, skipped,
                        time.perf_counter() - start, settings)
@@ -239,9 +250,11 @@ def _ann_settings(ann: bool | AnnSettings) -> AnnSettings | None:
     return ann if isinstance(ann, AnnSettings) else (AnnSettings() if ann else None)
 
 
-def _embed_images(model, paths: Sequence[str], batch_size: int, progress, skipped: list[Skipped]):
-    """Decode and embed in batches -> ((n, d) float32 or None, the n paths kept); failures join `skipped`."""
-    chunks, kept = [], []
+def _embed_images(model, paths: Sequence[str], batch_size: int, progress, skipped: list[Skipped],
+                  thumb_size: int | None = None):
+    """Decode and embed in batches -> ((n, d) float32 or None, the n paths kept, their n thumbnails or
+    None without `thumb_size`); failures join `skipped`."""
+    chunks, kept, thumbs = [], [], []
     for begin in range(0, len(paths), batch_size):
         batch, names = [], []
         for path in paths[begin:begin + batch_size]:
@@ -253,9 +266,11 @@ def _embed_images(model, paths: Sequence[str], batch_size: int, progress, skippe
         if batch:
             chunks.append(normalise(model.embed_images(batch)))
             kept += names
+            if thumb_size:
+                thumbs += [th.make_thumbnail(image, thumb_size) for image in batch]
         if progress is not None:
             progress(min(begin + batch_size, len(paths)), len(paths))
-    return (np.concatenate(chunks) if chunks else None), kept
+    return (np.concatenate(chunks) if chunks else None), kept, (thumbs if thumb_size else None)
 
 
 def write_index(output: str | os.PathLike, vectors: np.ndarray, items: Sequence[str], *, bundle: str,
@@ -276,13 +291,20 @@ def write_index(output: str | os.PathLike, vectors: np.ndarray, items: Sequence[
     return open_index(output)
 
 
-def _extend(output: Path, meta: IndexMeta, old: Index | None, new: np.ndarray | None, kept: list[str]) -> None:
-    """Write `old`'s rows followed by `new` (one per path in `kept`) as the index `output`."""
+def _extend(output: Path, meta: IndexMeta, old: Index | None, new: np.ndarray | None, kept: list[str],
+            new_thumbs: list[bytes] | None = None) -> None:
+    """Write `old`'s rows followed by `new` (one per path in `kept`, with its thumbnail where the
+    index keeps them) as the index `output`."""
     parts = ([old.vectors] if old is not None else []) + ([new] if new is not None else [])
     vectors = np.concatenate(parts) if len(parts) > 1 else parts[0]
     items = (old.items if old is not None else []) + kept
     graph = _build_graph(old, vectors, meta.ann) if meta.ann else None
-    _commit(output, replace(meta, dim=vectors.shape[1], count=len(items)), vectors, items, graph)
+    thumbs = None
+    if meta.thumb_size:
+        old_thumbs = ([] if old is None else [old.thumbnail(i) for i in range(len(old))] if old.meta.thumb_size
+                      else th.thumbnails_of(old.items, meta.thumb_size))
+        thumbs = old_thumbs + (new_thumbs or [])
+    _commit(output, replace(meta, dim=vectors.shape[1], count=len(items)), vectors, items, graph, thumbs)
 
 
 def _build_graph(old: Index | None, vectors: np.ndarray, settings: AnnSettings):
@@ -299,20 +321,27 @@ def _build_graph(old: Index | None, vectors: np.ndarray, settings: AnnSettings):
     return graph
 
 
-def _commit(output: Path, meta: IndexMeta, vectors: np.ndarray, items: list[str], graph) -> None:
+def _commit(output: Path, meta: IndexMeta, vectors: np.ndarray, items: list[str], graph,
+            thumbs: list[bytes | None] | None = None) -> None:
     """Write one generation, then index.json naming it, then delete what it no longer names."""
     gen = secrets.token_hex(4)
     files = {"vectors": f"vectors-{gen}.npy", "items": f"items-{gen}.jsonl"}
     if graph is not None:
         files["ann"] = f"ann-{gen}.usearch"
+    blob, places = th.pack(thumbs) if thumbs is not None else (None, [None] * len(items))
+    if blob is not None:
+        files["thumbs"] = f"thumbs-{gen}.jpgs"
     made_dir = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     try:
         _write_file(output / files["vectors"], lambda tmp: np.save(tmp, vectors))
-        lines = "".join(json.dumps({"path": p}) + "\n" for p in items).encode("ascii")
+        lines = "".join(json.dumps({"path": p, **({"thumb": at} if at else {})}) + "\n"
+                        for p, at in zip(items, places)).encode("ascii")
         _write_file(output / files["items"], lambda tmp: tmp.write_bytes(lines))
         if graph is not None:
             _write_file(output / files["ann"], lambda tmp: graph.save(str(tmp)))
+        if blob is not None:
+            _write_file(output / files["thumbs"], lambda tmp: tmp.write_bytes(blob))
         sizes = {name: (output / name).stat().st_size for name in files.values()}
         meta = replace(meta, files=files, sizes=sizes, edgerun_version=__version__)
         text = json.dumps(meta.to_dict(), indent=2, ensure_ascii=False) + "\n"
@@ -396,8 +425,10 @@ class Index:
         self._check_sizes()
         try:
             self.vectors = np.load(self.file("vectors"), mmap_mode="r" if mmap else None, allow_pickle=False)
-            lines = self.file("items").read_text(encoding="utf-8").splitlines()
-            self.items = [json.loads(line)["path"] for line in lines]
+            rows = [json.loads(line) for line in self.file("items").read_text(encoding="utf-8").splitlines()]
+            self.items = [row["path"] for row in rows]
+            self._thumb_places = [row.get("thumb") for row in rows]
+            self._thumbs = self._open_thumbs()
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise IndexFileError(f"index {self.path} is damaged ({exc}): rebuild it") from None
         want = (self.meta.count, self.meta.dim)
@@ -413,6 +444,26 @@ class Index:
 
     def file(self, role: str) -> Path:
         return self.path / self.meta.files[role]
+
+    def _open_thumbs(self):
+        """The thumbnails file, memory-mapped; ValueError where an items line points outside it."""
+        size = self.meta.sizes.get(self.meta.files.get("thumbs"), 0)
+        for place in self._thumb_places:
+            if place is not None and not (isinstance(place, list) and len(place) == 2
+                                          and all(isinstance(v, int) and v >= 0 for v in place)
+                                          and place[0] + place[1] <= size):
+                raise ValueError(f"thumbnail place {place!r} is not within the {size}-byte thumbnails file")
+        return np.memmap(self.file("thumbs"), np.uint8, "r") if size else b""
+
+    @property
+    def has_thumbnails(self) -> bool:
+        return "thumbs" in self.meta.files
+
+    def thumbnail(self, row: int) -> bytes | None:
+        """Row `row`'s JPEG thumbnail (made at index time), or None where the index has none for it."""
+        if not 0 <= row < len(self):
+            raise InputError(f"row {row} is not in index {self.path}, which holds rows 0 to {len(self) - 1}")
+        return th.unpack(self._thumbs, self._thumb_places[row])
 
     def _check_sizes(self) -> None:
         for name, size in self.meta.sizes.items():

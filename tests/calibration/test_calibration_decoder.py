@@ -113,3 +113,42 @@ def test_a_gemm_with_scaling_stays_float():
                                helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4])],
                               [w, numpy_helper.from_array(np.ones((4, 3), np.float32), "w2")])
     assert [t.node for t in rewritable(graph, find_targets(graph))] == ["plain"]
+
+
+def test_variants_share_one_copy_of_their_int8_weights(tmp_path):
+    """The TensorRT variant reads the weights it has in common with the CPU variant from the CPU
+    variant's data file; what differs stays in its own."""
+    import os
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerun.calibration.shared import share_weights
+
+    rng = np.random.default_rng(0)
+    common = rng.integers(-127, 127, (64, 64)).astype(np.int8)
+    def save(name, other):
+        inits = [numpy_helper.from_array(common, "w_quantized"), numpy_helper.from_array(other, "only")]
+        nodes = [helper.make_node("Cast", ["w_quantized"], ["a"], to=TensorProto.FLOAT),
+                 helper.make_node("Cast", ["only"], ["b"], to=TensorProto.FLOAT),
+                 helper.make_node("MatMul", ["x", "a"], ["y0"]), helper.make_node("MatMul", ["y0", "b"], ["y"])]
+        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], inits)
+        path = tmp_path / f"{name}.onnx"
+        onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+                        save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data",
+                        size_threshold=16)
+        return path
+
+    cpu = save("cpu", rng.integers(-127, 127, (64, 64)).astype(np.int8))
+    trt = save("trt", rng.integers(-127, 127, (64, 64)).astype(np.int8))  # differs: stays its own
+    import onnxruntime as ort
+
+    x = {"x": rng.standard_normal((1, 64)).astype(np.float32)}
+    before = ort.InferenceSession(str(trt), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert share_weights(cpu, trt) == common.nbytes
+    model = onnx.load(str(trt), load_external_data=False)
+    where = {t.name: {e.key: e.value for e in t.external_data}["location"] for t in model.graph.initializer}
+    assert where == {"w_quantized": "cpu.onnx.data", "only": "trt.onnx.data"}
+    assert os.path.getsize(tmp_path / "trt.onnx.data") == common.nbytes  # only its own weight left
+    after = ort.InferenceSession(str(trt), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(before, after)
