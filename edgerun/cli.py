@@ -138,7 +138,9 @@ def info(bundle):
 
 @cli.command()
 @click.argument("bundle", type=click.Path())
-def validate(bundle):
+@click.option("--target", type=click.Choice(["tensorrt"]), help="also lint the modules a TensorRT build reads")
+@click.option("--trt-version", help="lint against this TensorRT (default: the installed one, else the oldest supported)")
+def validate(bundle, target, trt_version):
     """Hash every file of BUNDLE and check it against its manifest."""
     from .bundle import validate_bundle
 
@@ -149,17 +151,30 @@ def validate(bundle):
         sys.exit(1)
     click.echo(f"{report.path}: OK, {report.files_checked} files, {report.total_bytes / 1e6:.1f} MB "
                f"hashed in {report.seconds:.2f} s")
+    if target == "tensorrt":
+        from .lint import lint_bundle
+
+        lint = lint_bundle(bundle, trt_version)
+        for problem in lint.problems:
+            click.echo(f"error: {problem}", err=True)
+        click.echo(f"TensorRT {lint.target} ({lint.target_source}): {', '.join(lint.modules)}: "
+                   + ("OK" if lint.ok else f"{len(lint.problems)} problem(s)"))
+        if not lint.ok:
+            sys.exit(1)
 
 
 def _register() -> None:
     """Commands that live in their own modules (each imports its heavy parts only when run)."""
     from .cli_bench import bench
     from .cli_calibrate import calibrate
+    from .cli_camera import camera
+    from .cli_engine import engine
     from .cli_index import index, search
+    from .cli_serve import serve
     from .cli_train import train
     from .cli_zoo import zoo
 
-    for command in (bench, calibrate, index, search, train, zoo):
+    for command in (bench, calibrate, camera, engine, index, search, serve, train, zoo):
         cli.add_command(command)
 
 
