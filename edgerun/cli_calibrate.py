@@ -16,23 +16,33 @@ import click
 @click.option("--data", "data", required=True,
               help="calibration images: a folder (searched recursively), a .txt list, a video file or camera:INDEX")
 @click.option("-o", "--output", required=True, type=click.Path(), help="bundle directory to write")
-@click.option("--method", type=click.Choice(["entropy", "minmax", "percentile"]), default="entropy", show_default=True,
-              help="how activation ranges are chosen")
+@click.option("--method", type=click.Choice(["auto", "entropy", "minmax", "percentile"]), default="auto",
+              show_default=True, help="how activation ranges are chosen; auto: per tensor, whichever of percentile, minmax "
+              "and entropy quantizes it with the least error")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="for --method percentile")
 @click.option("--samples", type=int, default=128, show_default=True, help="calibration images")
+@click.option("--augment", is_flag=True, help="a folder with fewer than --samples images: top it up with "
+              "random crops and flips of them")
 @click.option("--seed", type=int, default=0, show_default=True, help="picks the samples from a folder")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="weight scales")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="add back the mean output shift that rounding a convolution's weights causes")
 @click.option("--keep-float", multiple=True, metavar="PATTERN",
               help="layers to leave in float: a node-name glob or op type, MODULE:PATTERN for one module "
                    "(repeat or separate with commas)")
 @click.option("--max-drop", type=float, help="fail (and write nothing) when a held-out metric drops more than "
               "this fraction against the float twin")
+@click.option("--gate", multiple=True, metavar="GLOB",
+              help="metrics --max-drop judges, by name (e.g. '*recall@5'); default: the --eval task metrics, "
+                   "else every agreement metric")
 @click.option("--auto", is_flag=True, help="with --max-drop: keep the most sensitive layers float until within it")
 @click.option("--fp16", is_flag=True, help="write FP16 GPU variants (cuda, tensorrt, ort-trt) instead of INT8")
 @click.option("--sensitivity", is_flag=True, help="rank the layers by the error each one alone adds")
-@click.option("--eval", "eval_data", help="held-out images (default: source images calibration did not use, "
-              "then crops and flips of them)")
-@click.option("--eval-samples", type=int, default=64, show_default=True, help="held-out images compared")
+@click.option("--eval", "eval_data", help="held-out data: images (default: source images calibration did not "
+              "use, then crops and flips of them), or data files (.json, comma-separated: COCO captions, VQA "
+              "questions/answers) scored on recall@1/@5 and VQA accuracy against the float twin")
+@click.option("--eval-samples", type=int, default=64, show_default=True, help="held-out images compared (with data files: "
+              "the first N images that have examples)")
 @click.option("--eval-beams", type=int, help="beams for held-out captions and answers (default: the bundle's)")
 @click.option("--decoder-samples", type=int, default=32, show_default=True,
               help="calibration images whose decoding steps calibrate the decoders' TensorRT variant")
@@ -42,9 +52,9 @@ import click
               help="text file, one text a line, for the modules that read text")
 @click.option("--threads", type=int, help="onnxruntime threads (default: every core)")
 @click.option("--overwrite", is_flag=True, help="replace an existing bundle at OUTPUT")
-def calibrate(bundle, data, output, method, percentile, samples, seed, per_channel, keep_float, max_drop, auto,
-              fp16, sensitivity, eval_data, eval_samples, eval_beams, decoder_samples, batch_size, every, texts,
-              threads, overwrite):
+def calibrate(bundle, data, output, method, percentile, samples, augment, seed, per_channel, bias_correction,
+              keep_float, max_drop, gate, auto, fp16, sensitivity, eval_data, eval_samples, eval_beams,
+              decoder_samples, batch_size, every, texts, threads, overwrite):
     """Quantize the float BUNDLE with calibration images from --data into the bundle OUTPUT."""
     from .calibration import accuracy
     from .calibration import sensitivity as ranking
@@ -52,8 +62,8 @@ def calibrate(bundle, data, output, method, percentile, samples, seed, per_chann
     from .calibration.pipeline import calibrate as run
 
     options = CalibrationOptions(
-        method=method, percentile=percentile, samples=samples, seed=seed, per_channel=per_channel,
-        keep_float=keep_float, max_drop=max_drop, auto=auto, fp16=fp16, sensitivity=sensitivity,
+        method=method, percentile=percentile, samples=samples, augment=augment, seed=seed, per_channel=per_channel, bias_correction=bias_correction,
+        keep_float=keep_float, max_drop=max_drop, gate=gate, auto=auto, fp16=fp16, sensitivity=sensitivity,
         eval_data=eval_data, eval_samples=eval_samples, eval_beams=eval_beams, decoder_samples=decoder_samples,
         batch_size=batch_size, every=every, texts=_texts(texts), threads=threads, overwrite=overwrite)
     report = run(bundle, data, output, options, progress=lambda msg: click.echo(f"  {msg}", err=True))
@@ -68,6 +78,8 @@ def calibrate(bundle, data, output, method, percentile, samples, seed, per_chann
     samples_text = f", {q['samples']} samples" if "samples" in q else ""
     click.echo(f"wrote {report.path} in {report.seconds:.1f} s ({q['method']}{samples_text}; "
                f"peak RSS {peak:.0f} MB)")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items() if k != "total")
+    click.echo(f"stages: {stages}")
 
 
 def _texts(path: str | None) -> tuple[str, ...]:

@@ -5,13 +5,14 @@ point (`edge-run calibrate`). The parts, in the order a run uses them:
   sources.py      calibration and held-out images: a folder, a .txt list, a video, a camera
   nodes.py        which linear layers get INT8 and which stay float, and why
   collect.py      runs the float bundle with augmented graphs, folding activations into statistics
-  stats.py        streaming histograms; MinMax, Entropy (KL) and Percentile ranges
+  stats.py        streaming histograms; MinMax, Entropy (KL), Percentile and auto (least error) ranges
   sensitivity.py  the error each layer alone adds
   qdq.py          Q/DQ insertion: symmetric S8 for TensorRT, U8S8 for onnxruntime on CPU
   decoder.py      dynamic INT8 weights for decoders on CPU
   fp16.py         FP16 GPU variants
   build.py        variant files and their manifest entries
   accuracy.py     held-out comparison with the float twin
+  taskeval.py     --eval data files: recall and VQA accuracy against the float twin's
   trtcache.py     TensorRT calibration cache from the same statistics
 Nothing here imports torch; onnx is needed (pip install 'edge-run[calibrate]').
 """

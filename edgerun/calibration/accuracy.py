@@ -13,6 +13,7 @@ metric is an agreement in [0, 1] with the float twin (1: identical), and its `dr
 """
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,16 +27,23 @@ TOP_K = 5
 
 @dataclass(frozen=True)
 class Metric:
+    """An agreement with the float twin (drop: 1 - value), or a task score (recall, accuracy;
+    `reference`: the float twin's score, drop: reference - value)."""
+
     task: str
     name: str
     value: float
+    reference: float | None = None
 
     @property
     def drop(self) -> float:
-        return max(0.0, 1.0 - self.value)
+        return max(0.0, (1.0 if self.reference is None else self.reference) - self.value)
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "metric": self.name, "value": round(self.value, 6), "drop": round(self.drop, 6)}
+        out = {"task": self.task, "metric": self.name, "value": round(self.value, 6), "drop": round(self.drop, 6)}
+        if self.reference is not None:
+            out["float"] = round(self.reference, 6)
+        return out
 
 
 @dataclass
@@ -45,13 +53,22 @@ class AccuracyReport:
     variant: str
     samples: int
     metrics: list[Metric] = field(default_factory=list)
+    gate: tuple[str, ...] = ()  # metric-name globs that --max-drop judges (`--gate`); () : see gating
+
+    @property
+    def gating(self) -> list[Metric]:
+        """The metrics `--max-drop` judges: those `gate` names, else the task scores where there
+        are any, else all."""
+        if self.gate:
+            return [m for m in self.metrics if any(fnmatch.fnmatchcase(m.name, g) for g in self.gate)]
+        return [m for m in self.metrics if m.reference is not None] or self.metrics
 
     @property
     def worst(self) -> Metric | None:
-        return max(self.metrics, key=lambda m: m.drop, default=None)
+        return max(self.gating, key=lambda m: m.drop, default=None)
 
     def within(self, max_drop: float | None) -> bool:
-        return max_drop is None or all(m.drop <= max_drop for m in self.metrics)
+        return max_drop is None or all(m.drop <= max_drop for m in self.gating)
 
     def to_dict(self) -> dict:
         return {"variant": self.variant, "samples": self.samples, "metrics": [m.to_dict() for m in self.metrics]}
@@ -170,12 +187,19 @@ def table(reports: Sequence[AccuracyReport]) -> str:
     if not reports:
         return ""
     keys = [(m.task, m.name) for m in reports[0].metrics]
+    floats = {(m.task, m.name): m.reference for m in reports[0].metrics}
     head = f"{'task':<10} {'metric':<28}" + "".join(f" {r.variant:>14}" for r in reports)
+    if any(v is not None for v in floats.values()):
+        head += f" {'float':>14}"
     lines = [head, "-" * len(head)]
     for task, name in keys:
         cells = []
         for r in reports:
             m = next((m for m in r.metrics if (m.task, m.name) == (task, name)), None)
             cells.append(f" {m.value:>14.4f}" if m else f" {'-':>14}")
+        if floats[(task, name)] is not None:
+            cells.append(f" {floats[(task, name)]:>14.4f}")
+        elif any(v is not None for v in floats.values()):
+            cells.append(f" {'':>14}")
         lines.append(f"{task:<10} {name:<28}" + "".join(cells))
     return "\n".join(lines)

@@ -92,15 +92,17 @@ def _save(model, dst: Path) -> None:
         data.chmod(0o644)  # onnx writes 0600; a service account must read the bundle
 
 
-def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, scheme: str, per_channel: bool) -> int:
-    """Write `plan`'s module with Q/DQ on its quantized layers to `dst`; returns the layer count."""
+def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, scheme: str, per_channel: bool,
+                 means: Mapping | None = None) -> int:
+    """Write `plan`'s module with Q/DQ on its quantized layers to `dst`; returns the layer count.
+    `means`: per-channel input means of its convolutions, for bias correction (qdq.py)."""
     import onnx
 
     from .qdq import insert_qdq
 
     model = onnx.load(str(plan.path))
     name_nodes(model.graph)
-    count = insert_qdq(model, plan.quantized, ranges, scheme=scheme, per_channel=per_channel)
+    count = insert_qdq(model, plan.quantized, ranges, scheme=scheme, per_channel=per_channel, means=means)
     _save(model, dst)
     return count
 
@@ -112,7 +114,7 @@ def write_dynamic(plan: ModulePlan, dst: Path, per_channel: bool) -> int:
 
 
 def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Path, per_channel: bool,
-               progress: Callable[[str], None] = lambda msg: None) -> list[Variant]:
+               progress: Callable[[str], None] = lambda msg: None, means: Mapping | None = None) -> list[Variant]:
     """The CPU and TensorRT variants of one module, written into `out_dir`. A decoder without
     statistics (calibrated on no samples) gets no TensorRT variant; another module without them
     (one the calibration runs never reach) none at all: it stays float."""
@@ -125,11 +127,11 @@ def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Pa
         n = write_dynamic(plan, out_dir / cpu_file, per_channel)
         variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "dynamic-int8", "int8", n))
     else:
-        n = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel)
+        n = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel, means)
         variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "u8s8-qdq", "int8", n))
     if ranges:
         trt_file = f"{plan.name}.int8-{TRT_TAG}.onnx"
-        n = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel)
+        n = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel, means)
         share_weights(out_dir / cpu_file, out_dir / trt_file)  # the int8 weights both read, stored once
         variants.append(Variant(f"{plan.name}@{TRT_TAG}", plan.name, trt_file, TRT_BACKENDS, "s8s8-qdq", "int8", n))
     progress(f"{plan.name}: {len(plan.quantized)} of {len(plan.targets)} linear layers INT8, "

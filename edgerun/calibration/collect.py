@@ -68,7 +68,7 @@ class StatsRunner:
     outputs and, while `enabled`, folds the extra outputs into `stats` (tensor -> TensorStats)."""
 
     def __init__(self, path: Path, outputs: Sequence[str], tensors: Sequence[str], threads: int | None,
-                 probes: int = 2):
+                 probes: int = 2, means: Sequence[str] = ()):
         self.path = path
         self.session = session(augment(path, tensors), path.parent, threads)
         self.inputs = [OnnxRuntimeRunner._spec(i) for i in self.session.get_inputs()]
@@ -78,6 +78,8 @@ class StatsRunner:
         self._extra = [t for t in dict.fromkeys(tensors) if t not in self._own]
         self._watched = list(dict.fromkeys(tensors))
         self.stats = {t: TensorStats() for t in self._watched}
+        self._sums: dict[str, np.ndarray] = {}  # tensor of `means` (N, C, ...) -> per-channel sum, float64
+        self._counts = dict.fromkeys(means, 0)
         self.enabled = True
         self.folded_batches = 0
         self.last_bytes = 0  # bytes of activations the last folded call returned
@@ -104,10 +106,25 @@ class StatsRunner:
             self.last_bytes = sum(values[name].nbytes for name in self._watched)
             for name in self._watched:
                 self.stats[name].fold(values[name])
+            for name in self._counts:
+                self._fold_mean(name, values[name])
             self.folded_batches += 1
             for name in self._extra:
                 del values[name]
         return values
+
+
+    def _fold_mean(self, name: str, value: np.ndarray) -> None:
+        if value.ndim < 2:
+            return
+        axes = (0, *range(2, value.ndim))
+        total = value.sum(axis=axes, dtype=np.float64)
+        self._sums[name] = self._sums.get(name, 0.0) + total
+        self._counts[name] += value.size // value.shape[1]
+
+    def channel_means(self) -> dict[str, np.ndarray]:
+        """{tensor: per-channel mean (C,)} of the `means` tensors seen (channels on axis 1)."""
+        return {name: total / self._counts[name] for name, total in self._sums.items()}
 
 
 class RunnerModel(Model):
@@ -161,6 +178,15 @@ def run_tasks(model: Model, pixels: np.ndarray, texts: Sequence[str], questions:
     return out
 
 
+def decode_tokens(model: Model, wanted: int = DECODE_TOKENS) -> int:
+    """`wanted` new tokens, or fewer where a decoder of the bundle holds fewer positions (a
+    built-in family's caption decoder may hold 16)."""
+    prompt = len((model.manifest.decoding or {}).get("decoder_start_ids") or ()) or 1
+    limits = [model._decoder_limit(name) for name, spec in model.manifest.modules.items()
+              if "cache" in spec.extra or spec.extra.get("role") == "decoder"]
+    return max(1, min([wanted, *(limit - prompt for limit in limits if limit)]))
+
+
 def greedy(tokens: int) -> dict:
     """Decoding options for calibration runs: greedy, at most `tokens` new tokens."""
     return {"num_beams": 1, "max_new_tokens": tokens, "min_new_tokens": 0, "num_return_sequences": 1}
@@ -174,7 +200,8 @@ class Collector:
     decoder steps)."""
 
     def __init__(self, bundle: Path, modules: Mapping[str, Sequence[str]], *,
-                 decoders: Iterable[str] = (), threads: int | None = None, probes: int = 2):
+                 decoders: Iterable[str] = (), threads: int | None = None, probes: int = 2,
+                 means: Mapping[str, Sequence[str]] = {}):
         self.decoders = set(decoders)
         self.runners: dict[str, StatsRunner] = {}
         self.batches = 0
@@ -184,7 +211,7 @@ class Collector:
                 return None
             spec = model.bundle.module(module)
             runner = StatsRunner(model.bundle.file(spec.file), [o.name for o in spec.outputs], modules[module],
-                                 threads, probes)
+                                 threads, probes, means.get(module, ()))
             self.runners[module] = runner
             return runner
 
@@ -204,7 +231,7 @@ class Collector:
                 runner.enabled = name in names and name not in seen and (decode or name not in self.decoders)
             seen.update(names)
 
-        run_tasks(self.model, pixels, texts, questions, greedy(DECODE_TOKENS if decode else 1),
+        run_tasks(self.model, pixels, texts, questions, greedy(decode_tokens(self.model) if decode else 1),
                   embed_texts=decode or self.batches == 0, on_task=enable)
         self.batches += 1
 
@@ -215,6 +242,9 @@ class Collector:
 
     def stats(self) -> dict[str, dict[str, TensorStats]]:
         return {name: r.stats for name, r in self.runners.items()}
+
+    def channel_means(self) -> dict[str, dict[str, np.ndarray]]:
+        return {name: r.channel_means() for name, r in self.runners.items()}
 
     def probes(self) -> dict[str, list[dict[str, np.ndarray]]]:
         return {name: r.probes for name, r in self.runners.items()}

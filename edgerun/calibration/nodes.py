@@ -10,7 +10,9 @@ Among the linear layers, these stay float by default:
   input with 3 channels), found by walking forward through other ops (a Cast, a Reshape);
 - the head: the last linear layer before the logits of a decoder or classifier, and before the
   embeddings of an image/text embedder or the ITM probabilities (found by walking back from those
-  outputs to the nearest linear layer on each path);
+  outputs to the nearest linear layer on each path, but not through a normalization: behind the
+  final LayerNorm lie the residual branches of every block, not a head; MiniLM's mean-pooled
+  embedding has no head, and the walk used to keep all 12 of its residual out-projections float);
 - nodes matching a `--keep-float` pattern.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
 _SHAPE_OPS = ("Shape", "Size")
+_NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "GroupNormalization", "RMSNormalization")
 HEAD_OUTPUTS = {  # role -> the outputs whose producing linear layer is the head; None: every output
     "decoder": ("logits",),
     "answer_classifier": None,
@@ -90,7 +93,7 @@ def default_float(graph, role: str | None, targets: Sequence[Target]) -> dict[st
     if role in HEAD_OUTPUTS:
         names = HEAD_OUTPUTS[role]
         outputs = [o.name for o in graph.output if names is None or o.name in names]
-        for name in _nearest(graph, outputs, linear, forward=False):
+        for name in _nearest(graph, outputs, linear, forward=False, stop=_NORM_OPS):
             kept.setdefault(name, "output head")
     return kept
 
@@ -103,10 +106,12 @@ def _is_image(value_info) -> bool:
     return len(dims) == 4 and 3 in (dims[1], dims[3])
 
 
-def _nearest(graph, tensors: Iterable[str], linear: set[str], *, forward: bool) -> list[str]:
+def _nearest(graph, tensors: Iterable[str], linear: set[str], *, forward: bool,
+             stop: Sequence[str] = ()) -> list[str]:
     """The `linear` nodes nearest to `tensors` on every data path: walking consumers (forward) or
-    producers (backward) through other ops, stopping at the first linear node of each path. Shape
-    computations are not data paths: the walk does not go through Shape or Size."""
+    producers (backward) through other ops, stopping at the first linear node of each path, or at
+    an op of type `stop` (no layer found on that path). Shape computations are not data paths: the
+    walk does not go through Shape or Size."""
     links: dict[str, list] = {}
     for node in graph.node:
         for name in (node.input if forward else node.output):
@@ -117,7 +122,7 @@ def _nearest(graph, tensors: Iterable[str], linear: set[str], *, forward: bool) 
             if node.name in seen:
                 continue
             seen.add(node.name)
-            if node.op_type in _SHAPE_OPS:
+            if node.op_type in _SHAPE_OPS or node.op_type in stop:
                 continue
             if node.name in linear:
                 found.append(node.name)

@@ -24,12 +24,12 @@ import numpy as np
 from ..bundle import Bundle, BundleWriter, open_bundle
 from ..errors import BundleError, EdgeRunError, OptionError, require
 from ..manifest import Manifest
-from . import accuracy, build
+from . import accuracy, build, taskeval
 from .collect import QUESTIONS, TEXTS, Collector, auto_batch, file_model
 from .nodes import parse_patterns
 from .sensitivity import LayerError, module_sensitivity
-from .sources import open_source
-from .stats import METHODS, Range, tensor_range
+from .sources import FolderSource, open_source
+from .stats import CANDIDATES, METHODS, Range, choose, tensor_range
 
 EVAL_BATCH = 8  # at most; a model whose activations fill a calibration batch with one image gets 1
 AUTO_ROUNDS = 6
@@ -43,13 +43,16 @@ class AccuracyDropError(EdgeRunError):
 class CalibrationOptions:
     """What `calibrate` does; checked once here. Overrides go through `dataclasses.replace`."""
 
-    method: str = "entropy"  # activations: minmax, entropy or percentile
+    method: str = "auto"  # activations: auto (per tensor: least error, stats.choose), minmax, entropy, percentile
     percentile: float = 99.99
     samples: int = 128
+    augment: bool = False  # a folder with fewer than `samples` images: top it up with crops and flips
     seed: int = 0
     per_channel: bool = True  # weights: one scale per output channel
+    bias_correction: bool = True  # add back the mean output shift rounded conv weights cause (qdq.py)
     keep_float: tuple[str, ...] = ()  # node-name globs or op types, optionally MODULE:PATTERN
     max_drop: float | None = None  # fail when a held-out metric drops more than this (0..1)
+    gate: tuple[str, ...] = ()  # metric-name globs max_drop judges; (): the --eval task metrics, else all
     auto: bool = False  # keep the most sensitive layers float until within max_drop
     fp16: bool = False  # write FP16 GPU variants instead of INT8
     sensitivity: bool = False
@@ -86,6 +89,7 @@ class CalibrationOptions:
         if self.fp16 and (self.auto or self.sensitivity):
             raise OptionError("fp16 writes FP16 GPU variants; auto and sensitivity apply to INT8 only")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        object.__setattr__(self, "gate", tuple(self.gate))
         object.__setattr__(self, "texts", tuple(self.texts))
 
 
@@ -143,13 +147,21 @@ class _Job:
     def __init__(self, src: Bundle, data: str, options: CalibrationOptions, progress):
         self.src, self.options, self.progress = src, options, progress
         self.source = open_source(data, seed=options.seed, every=options.every, samples=options.samples)
-        self.eval_source = (open_source(options.eval_data, seed=options.seed, every=options.every)
-                            if options.eval_data else None)
+        self.task_data = (taskeval.load(options.eval_data, options.eval_samples)
+                          if taskeval.is_data_spec(options.eval_data) else None)
+        self.task_reference: dict[tuple[str, str], float] = {}
+        if self.task_data is not None:  # its images serve the agreement figures too
+            self.eval_source = FolderSource(self.task_data.images, options.seed, options.eval_data, "data")
+        else:
+            self.eval_source = (open_source(options.eval_data, seed=options.seed, every=options.every)
+                                if options.eval_data else None)
         self.patterns = parse_patterns(options.keep_float)
         self.plans = build.plan_modules(src, self.patterns)
         self.texts = list(options.texts or TEXTS)
         self.out_dir: Path | None = None
         self.ranges: dict[str, dict[str, Range]] = {}
+        self.methods: dict[str, dict[str, str]] = {}  # module -> tensor -> the method its range came from
+        self.means: dict[str, dict] = {}  # module -> conv input tensor -> per-channel mean (bias correction)
         self.probes: dict[str, list] = {}
         self.reports: list[accuracy.AccuracyReport] = []
         self.ranking: list[LayerError] = []
@@ -171,10 +183,12 @@ class _Job:
     def collect(self) -> None:
         t0, o = time.perf_counter(), self.options
         modules = {n: [t.activation for t in p.targets] for n, p in self.plans.items() if p.quantized}
+        means = {n: [t.activation for t in p.targets if t.op == "Conv"] for n, p in self.plans.items()
+                 if p.quantized and o.bias_correction}
         collector = Collector(self.src.path, modules, decoders=[n for n, p in self.plans.items() if p.decoder],
-                              threads=o.threads)
+                              means=means, threads=o.threads)
         self.progress(f"statistics: {o.method} over up to {o.samples} images from {self.source.report.source}")
-        images = iter(self.source.calibration(o.samples))
+        images = iter(self.source.calibration(o.samples, augment=o.augment))
         batch = o.batch_size or 1
         while chunk := [im for _, im in itertools.islice(images, batch)]:
             pixels = collector.model.pixel_values(chunk)
@@ -193,9 +207,12 @@ class _Job:
         for note in self.notes:
             self.progress(f"note: {note}")
         for name, stats in collector.stats().items():
-            self.ranges[name] = {t: tensor_range(s, o.method, o.percentile) for t, s in stats.items()
-                                 if s.hist is not None}
+            seen = {t: s for t, s in stats.items() if s.hist is not None}
+            self.methods[name] = {t: choose(s, o.percentile)[0] if o.method == "auto" else o.method
+                                  for t, s in seen.items()}
+            self.ranges[name] = {t: tensor_range(s, self.methods[name][t], o.percentile) for t, s in seen.items()}
         self.probes = collector.probes()
+        self.means = collector.channel_means()
         collector.close()
         gc.collect()
         self._timed("statistics", t0)
@@ -235,6 +252,10 @@ class _Job:
             model = file_model(self.src.path, files, threads=self.options.threads)
             got = accuracy.run(model, batches, self.texts, QUESTIONS, self._eval_options(), reference)
             reports.append(accuracy.compare(name, got, reference, classifier))
+            reports[-1].gate = self.options.gate
+            if self.task_data is not None:
+                self.progress(f"--eval: {name} variant on {taskeval.describe(self.task_data, model.manifest.tasks)}")
+                reports[-1].metrics += taskeval.metrics(taskeval.scores(model, self.task_data), self.task_reference)
             del model
             gc.collect()
         self._timed("held-out comparison", t0)
@@ -245,6 +266,13 @@ class _Job:
         self.progress(f"held-out: float twin on {sum(len(b) for b in batches)} images")
         model = file_model(self.src.path, {}, threads=self.options.threads)
         ref = accuracy.run(model, batches, self.texts, QUESTIONS, self._eval_options())
+        if self.task_data is not None:
+            self.progress(f"--eval: float twin on {taskeval.describe(self.task_data, model.manifest.tasks)}")
+            self.task_reference = taskeval.scores(model, self.task_data)
+            if not self.task_reference:
+                raise OptionError(f"--eval {self.options.eval_data} has no examples for this bundle's tasks "
+                                  f"({', '.join(model.manifest.tasks)}): retrieval needs captions, vqa questions "
+                                  "with answers")
         del model
         gc.collect()
         self._timed("held-out comparison", t0)
@@ -259,7 +287,8 @@ class _Job:
             outputs = ["logits"] if plan.decoder else [o.name for o in plan.spec.outputs]
             errors += module_sensitivity(name, plan.path, plan.quantized, self.ranges.get(name, {}),
                                          self.probes.get(name, []), outputs, per_channel=self.options.per_channel,
-                                         threads=self.options.threads, progress=self.progress)
+                                         threads=self.options.threads, progress=self.progress,
+                                         means=self.means.get(name))
         self.ranking = sorted(errors, key=lambda e: -e.error)
         self._timed("sensitivity", t0)
 
@@ -271,13 +300,19 @@ class _Job:
                 self.progress(f"{name}: stays float ({len(plan.targets)} linear layers, none to quantize)")
                 continue
             written = build.write_int8(plan, self.ranges.get(name), self.out_dir, self.options.per_channel,
-                                       self.progress)
+                                       self.progress, means=self.means.get(name))
             if written:
                 out[name] = written
             elif (note := f"{name} stays float: no calibration statistics reached it") not in self.notes:
                 self.notes.append(note)
         self._timed("write variants", t0)
         return out
+
+    def _check_gate(self) -> None:
+        if self.options.gate and self.reports and not self.reports[0].gating:
+            names = ", ".join(m.name for m in self.reports[0].metrics)
+            raise OptionError(f"--gate {', '.join(self.options.gate)} names no metric of this bundle; its metrics: "
+                              f"{names}")
 
     def _keep_more(self, round_: int) -> bool:
         """Keep the 2**round_ next-worst layers float; False when none is left to keep."""
@@ -296,10 +331,12 @@ class _Job:
             variants = self.write_int8()
             tags = [None] + ([build.TRT_TAG] if any(len(v) > 1 for v in variants.values()) else [])
             self.reports = self.evaluate(batches, variants, tags, reference)
+            self._check_gate()
             ok = all(r.within(self.options.max_drop) for r in self.reports)
             if ok or not self.options.auto or round_ == AUTO_ROUNDS or not self._keep_more(round_):
                 break
-            self.progress(f"auto: worst drop {max(r.worst.drop for r in self.reports):.4f} > "
+            worst = max((r.worst for r in self.reports), key=lambda m: m.drop)
+            self.progress(f"auto: worst drop {worst.drop:.4f} ({worst.task} {worst.name}) > "
                           f"{self.options.max_drop}; keeping {sum(map(len, self.auto_float.values()))} "
                           "sensitive layer(s) float")
         if not variants and self.options.auto:
@@ -338,7 +375,7 @@ class _Job:
 
     def check_drop(self) -> None:
         limit = self.options.max_drop
-        bad = [(r.variant, m) for r in self.reports for m in r.metrics if limit is not None and m.drop > limit]
+        bad = [(r.variant, m) for r in self.reports for m in r.gating if limit is not None and m.drop > limit]
         if bad:
             shown = "; ".join(f"{v} {m.task} {m.name} {m.value:.4f} (drop {m.drop:.4f})" for v, m in bad[:4])
             hint = "" if self.options.auto else "; try --auto, --keep-float PATTERN or more --samples"
@@ -367,9 +404,12 @@ class _Job:
         out: dict = {"method": "fp16" if o.fp16 else o.method}
         if not o.fp16:
             out.update(samples=self.used, samples_requested=o.samples, seed=o.seed, per_channel=o.per_channel,
+                       bias_correction=o.bias_correction,
                        decoder_samples=min(self.used, o.decoder_samples),
                        activations={"cpu": "uint8 asymmetric (decoders: dynamic)", build.TRT_TAG: "int8 symmetric"})
-            if o.method == "percentile":
+            if o.method == "auto":
+                out["auto_method"] = {"candidates": list(CANDIDATES), "criterion": "least int8 quantization MSE"}
+            if o.method in ("auto", "percentile"):
                 out["percentile"] = o.percentile
         out["source"] = self.source.report.to_dict()
         if self.eval_source is not None:
@@ -380,11 +420,18 @@ class _Job:
             entry = {"variants": {v.module: v.to_dict() for v in mine}, "linear_layers": len(plan.targets)}
             if not o.fp16:
                 entry["kept_float"] = dict(sorted(plan.kept.items()))
+                corrected = {t.node for t in plan.quantized if t.activation in self.means.get(name, {})}
+                if corrected:
+                    entry["bias_corrected"] = len(corrected)
+                used = list(self.methods.get(name, {}).values())
+                entry["activation_methods"] = {m: used.count(m) for m in sorted(set(used))}
                 if o.trt_cache and self.ranges.get(name):
                     entry["trt_calibration_cache"] = f"{name}.trt-calib.cache"
             out["modules"][name] = entry
         out["accuracy"] = {"held_out": self.reports[0].samples if self.reports else 0,
                            "variants": [r.to_dict() for r in self.reports]}
+        if self.task_data is not None:
+            out["accuracy"]["eval_data"] = taskeval.counts(self.task_data)
         if self.ranking:
             out["sensitivity"] = [e.to_dict() for e in self.ranking[:50]]
         if self.auto_float:

@@ -39,7 +39,8 @@ def _outputs(session_, probes: Sequence[Mapping[str, np.ndarray]], names: Sequen
 def module_sensitivity(module: str, path: Path, targets: Sequence[Target], ranges: Mapping[str, Range],
                        probes: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str], *,
                        per_channel: bool = True, threads: int | None = None,
-                       progress: Callable[[str], None] = lambda msg: None) -> list[LayerError]:
+                       progress: Callable[[str], None] = lambda msg: None,
+                       means: Mapping[str, np.ndarray] | None = None) -> list[LayerError]:
     """The error of each of `targets` quantized alone, worst first."""
     import onnx
 
@@ -52,7 +53,8 @@ def module_sensitivity(module: str, path: Path, targets: Sequence[Target], range
     for i, target in enumerate(targets):
         model = onnx.ModelProto()
         model.CopyFrom(base)
-        insert_qdq(model, [target], ranges, scheme="tensorrt", per_channel=per_channel, base_dir=str(path.parent))
+        insert_qdq(model, [target], ranges, scheme="tensorrt", per_channel=per_channel, base_dir=str(path.parent),
+                   means=means)
         got = _outputs(session(model.SerializeToString(), path.parent, threads), probes, outputs)
         err = np.mean([np.linalg.norm(g - r) / (np.linalg.norm(r) + 1e-12) for g, r in zip(got, reference)])
         errors.append(LayerError(module, target.node, float(err)))

@@ -10,7 +10,8 @@ shorter than asked, it is filled with new views (crops and flips) of the source 
 differ from every calibration sample. A video gives every `every`-th frame to calibration and the
 frames half-way between to the held-out set; a camera ("camera:INDEX") gives every `every`-th
 frame, first to calibration, then to the held-out set. Unreadable files and frames are skipped
-and counted in `report`.
+and counted in `report`. `calibration(n, augment=True)` tops a folder with fewer than `n` images
+up with crops and flips too (other ones than the held-out views).
 """
 from __future__ import annotations
 
@@ -39,11 +40,13 @@ class SourceReport:
     calibration: int = 0
     held_out: int = 0
     views: int = 0  # held-out images made by cropping/flipping source images
+    calibration_views: int = 0  # calibration images made so (--augment)
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"source": self.source, "kind": self.kind, "found": self.found, "calibration": self.calibration,
-                "held_out": self.held_out, "views": self.views, "skipped": len(self.skipped)}
+                "held_out": self.held_out, "views": self.views,
+                "calibration_views": self.calibration_views, "skipped": len(self.skipped)}
 
 
 def open_source(spec: str, *, seed: int = 0, every: int | None = None, samples: int = 0):
@@ -104,7 +107,9 @@ class FolderSource:
             self.report.skipped.append((str(path), str(exc)))
             return None
 
-    def calibration(self, n: int) -> Iterator[Item]:
+    def calibration(self, n: int, augment: bool = False) -> Iterator[Item]:
+        """The first `n` readable images; with `augment`, a folder holding fewer is topped up to
+        `n` with crops and flips of them (seeded apart from the held-out views)."""
         if not self.files:
             raise _no_images(self.report, "images")
         for i, path in enumerate(self.files):
@@ -117,6 +122,11 @@ class FolderSource:
                 yield str(path), image
         if self.report.calibration == 0:
             raise _no_images(self.report, "images")
+        if augment:
+            for name, image in itertools.islice(self._views(self.seed + 2), n - self.report.calibration):
+                self.report.calibration += 1
+                self.report.calibration_views += 1
+                yield name, image
 
     def holdout(self, n: int) -> Iterator[Item]:
         count = 0
@@ -128,21 +138,21 @@ class FolderSource:
                 count += 1
                 self.report.held_out += 1
                 yield str(path), image
-        yield from itertools.islice(self._views(), n - count)
+        for name, image in itertools.islice(self._views(self.seed + 1), n - count):
+            self.report.views += 1
+            self.report.held_out += 1
+            yield name, image
 
-    def _views(self) -> Iterator[Item]:
+    def _views(self, seed: int) -> Iterator[Item]:
         """Crops and flips of the source images, new ones for ever, in a seeded order."""
-        rng = np.random.default_rng(self.seed + 1)
+        rng = np.random.default_rng(seed)
         skipped = {name for name, _ in self.report.skipped}
         readable = [p for p in self.files if str(p) not in skipped]
         for round_ in itertools.count():
             for path in readable:
                 image = self._load(path)
-                if image is None:
-                    continue
-                self.report.views += 1
-                self.report.held_out += 1
-                yield f"{path}#view{round_}", view(image, rng)
+                if image is not None:
+                    yield f"{path}#view{round_}", view(image, rng)
 
 
 def view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -201,7 +211,7 @@ class VideoSource:
         if counter == "calibration" and taken == 0:
             raise _no_images(self.report, "frames")
 
-    def calibration(self, n: int) -> Iterator[Item]:
+    def calibration(self, n: int, augment: bool = False) -> Iterator[Item]:  # frames enough: no views
         return self._frames(0, n, "calibration")
 
     def holdout(self, n: int) -> Iterator[Item]:
@@ -242,7 +252,7 @@ class CameraSource:
         if counter == "calibration" and taken == 0:
             raise _no_images(self.report, "frames")
 
-    def calibration(self, n: int) -> Iterator[Item]:
+    def calibration(self, n: int, augment: bool = False) -> Iterator[Item]:  # frames enough: no views
         return self._frames(n, "calibration")
 
     def holdout(self, n: int) -> Iterator[Item]:

@@ -12,6 +12,15 @@ Methods, as `threshold(stats, method)` (the |x| that maps to the int8 extreme, 1
 - "percentile": the |x| below which `percentile` % of the values lie;
 - "entropy": the clipping threshold whose 128-level quantized distribution is closest (least
   Kullback-Leibler divergence) to the observed distribution of |x|, searched over the histogram.
+  Exact zeros are left out of that distribution: every scale represents them exactly, and after a
+  ReLU/ReLU6 they are most of the values, which dragged the KL optimum of a 0..6 activation down to
+  about 0.3 (EfficientNet-Lite0's image embedding fell to cosine 0.47 with its float twin).
+- "auto" (the default) computes all three per tensor and keeps the one whose int8 quantization
+  has the least mean squared error over the histogram (`choose`): rare outliers are clipped
+  (entropy or percentile win), a mass of large values is kept (minmax or percentile win). Measured
+  on real weights: entropy clips the outlier channels of MiniLM's LayerNorm outputs (one input of
+  28.4 clipped to 7.7; text embedding cosine 0.93 against 0.99 unclipped), and took EfficientNet's
+  ReLU6 outputs (0..6) down to 0.3 until zeros were left out of its search.
 """
 from __future__ import annotations
 
@@ -21,7 +30,8 @@ import numpy as np
 
 from ..errors import OptionError
 
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = ("auto", "minmax", "entropy", "percentile")
+CANDIDATES = ("percentile", "minmax", "entropy")  # what "auto" chooses from; ties go to the first
 BINS = 4096  # per side of zero
 _CHUNK = 1 << 16  # values binned at a time: the temporaries stay in cache
 _LEVELS = 128  # int8 levels on one side of zero
@@ -44,6 +54,7 @@ class TensorStats:
         self.min = np.inf
         self.max = -np.inf
         self.count = 0
+        self.zeros = 0  # exact zeros among the values counted
         self.nonfinite = 0
 
     @property
@@ -62,6 +73,7 @@ class TensorStats:
         lo, hi = float(x.min()), float(x.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         self.count += int(x.size)
+        self.zeros += int(x.size - np.count_nonzero(x))
         amax = max(-lo, hi)
         if self.hist is None:
             self.bound = amax if amax > 0 else 1e-8
@@ -89,9 +101,13 @@ class TensorStats:
         self.hist[half:half + self.bins] = merged
         self.bound *= 2
 
-    def abs_hist(self) -> np.ndarray:
-        """(bins,) counts of |x|: bin k covers [k * width, (k + 1) * width)."""
-        return self.hist[self.bins:] + self.hist[:self.bins][::-1]
+    def abs_hist(self, *, zeros: bool = True) -> np.ndarray:
+        """(bins,) counts of |x|: bin k covers [k * width, (k + 1) * width); `zeros=False` leaves
+        the exact zeros out of bin 0."""
+        out = self.hist[self.bins:] + self.hist[:self.bins][::-1]
+        if not zeros:
+            out[0] -= min(int(out[0]), self.zeros)
+        return out
 
     @property
     def amax(self) -> float:
@@ -99,7 +115,8 @@ class TensorStats:
 
 
 def threshold(stats: TensorStats, method: str, percentile: float = 99.99) -> float:
-    """The |x| that maps to 127 for `method` (one of METHODS); > 0 for any tensor seen."""
+    """The |x| that maps to 127 for `method` (minmax, entropy or percentile; "auto" is `choose`);
+    > 0 for any tensor seen."""
     if stats.hist is None:
         raise OptionError("no values were collected for this tensor; calibrate with at least one sample")
     amax = stats.amax
@@ -110,7 +127,7 @@ def threshold(stats: TensorStats, method: str, percentile: float = 99.99) -> flo
     if method == "percentile":
         return min(amax, _percentile(stats.abs_hist(), stats.width, percentile))
     if method == "entropy":
-        return min(amax, entropy_threshold(stats.abs_hist(), stats.width))
+        return min(amax, entropy_threshold(stats.abs_hist(zeros=False), stats.width))
     raise OptionError(f"unknown calibration method {method!r}; valid: {', '.join(METHODS)}")
 
 
@@ -157,6 +174,25 @@ def _kl(h: np.ndarray, tail: np.ndarray, i: int, levels: int) -> float:
     return float(np.sum(p * np.log(p / q)))
 
 
+def quantization_mse(stats: TensorStats, amax: float) -> float:
+    """Mean squared error of symmetric int8 quantization at threshold `amax` (values over it
+    clip), estimated at the histogram's bin centres; exact zeros cost nothing."""
+    hist = stats.abs_hist(zeros=False).astype(np.float64)
+    centres = (np.arange(hist.size) + 0.5) * stats.width
+    scale = amax / 127.0
+    error = centres - np.minimum(np.rint(centres / scale), 127.0) * scale
+    return float(hist @ (error * error) / max(stats.count, 1))
+
+
+def choose(stats: TensorStats, percentile: float = 99.99) -> tuple[str, float]:
+    """("auto") the method of CANDIDATES whose threshold quantizes `stats` with the least error,
+    and that threshold."""
+    amax = {m: threshold(stats, m, percentile) for m in CANDIDATES}
+    errors = {m: quantization_mse(stats, a) for m, a in amax.items()}
+    best = min(CANDIDATES, key=lambda m: (errors[m], CANDIDATES.index(m)))
+    return best, amax[best]
+
+
 @dataclass(frozen=True)
 class Range:
     """What a tensor's quantization reads: the symmetric threshold and the asymmetric range.
@@ -174,7 +210,7 @@ class Range:
 
 def tensor_range(stats: TensorStats, method: str, percentile: float = 99.99) -> Range:
     """The ranges one set of statistics gives for both quantization schemes."""
-    amax = threshold(stats, method, percentile)
+    amax = choose(stats, percentile)[1] if method == "auto" else threshold(stats, method, percentile)
     low = min(max(stats.min, -amax), 0.0)
     high = max(min(stats.max, amax), 0.0)
     if high - low <= 0:

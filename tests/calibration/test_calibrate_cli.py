@@ -52,3 +52,14 @@ def test_usage_mistakes(blip_bundle, images, tmp_path):
     assert result.exit_code == 2 and "entropy" in result.output
     result = _run(blip_bundle, "--data", images, "-o", tmp_path / "out", "--auto")
     assert "auto requires max_drop" in str(result.exception)
+
+
+def test_gate_names_the_metrics_max_drop_judges(blip_bundle, images, tmp_path):
+    common = [blip_bundle, "--data", images, "--samples", 4, "--eval-samples", 4, "--decoder-samples", 0,
+              "--max-drop", 0]
+    result = _run(*common, "-o", tmp_path / "out", "--gate", "logits_cos*")  # the logits are never identical
+    assert isinstance(result.exception, AccuracyDropError) and "logits_cosine" in str(result.exception)
+    assert "exact_caption_agreement" not in str(result.exception)
+    result = _run(*common, "-o", tmp_path / "out", "--gate", "recall@5")
+    assert "names no metric of this bundle" in str(result.exception) and "logits_cosine" in str(result.exception)
+    assert not (tmp_path / "out").exists()

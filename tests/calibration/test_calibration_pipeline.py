@@ -31,7 +31,7 @@ def photos(tmp_path_factory):
 def calibrated(blip_bundle, photos, tmp_path_factory):
     """One INT8 bundle per method, made once for the module."""
     out = {}
-    for method in ("entropy", "minmax", "percentile"):
+    for method in ("entropy", "minmax", "percentile", "auto"):
         dest = tmp_path_factory.mktemp("int8") / method
         report = calibrate(blip_bundle, str(photos), dest, CalibrationOptions(method=method, **FAST))
         out[method] = (dest, report)
@@ -63,6 +63,27 @@ def test_methods_give_different_scales(calibrated):
     caches = {m: read_cache(path / "vision.trt-calib.cache")[1] for m, (path, _) in calibrated.items()}
     assert caches["entropy"] != caches["minmax"] != caches["percentile"]
     assert all(caches["entropy"][k] <= caches["minmax"][k] * (1 + 1e-6) for k in caches["minmax"])
+
+
+def test_auto_picks_a_method_per_tensor(calibrated):
+    """auto: each tensor's range is one of the three methods' ranges for it, and the manifest counts
+    which method served how many tensors."""
+    q = json.loads((calibrated["auto"][0] / "manifest.json").read_text())["quantization"]
+    assert q["method"] == "auto" and q["auto_method"]["candidates"] == ["percentile", "minmax", "entropy"]
+    chosen = {}
+    for module in ("vision", "cross_kv", "decoder"):
+        caches = {m: read_cache(calibrated[m][0] / f"{module}.trt-calib.cache")[1]
+                  for m in ("auto", "entropy", "minmax", "percentile")}
+        counts = q["modules"][module]["activation_methods"]
+        assert sum(counts.values()) == len(caches["auto"])
+        for tensor, value in caches["auto"].items():
+            matches = {m for m in ("entropy", "minmax", "percentile") if caches[m][tensor] == value}
+            assert matches, tensor
+            for m in matches:
+                chosen[m] = chosen.get(m, 0) + 1
+        for method, n in counts.items():
+            assert n <= chosen.get(method, 0)
+    assert len({m for module in q["modules"].values() for m in module["activation_methods"]}) >= 2
 
 
 def test_variants_are_selected_per_backend(calibrated):

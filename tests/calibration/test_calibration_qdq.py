@@ -99,3 +99,74 @@ def test_trt_cache_round_trip(tmp_path, vision):
         assert scales[name] == pytest.approx(r.amax / 127.0, rel=1e-6)
     line = path.read_text().splitlines()[1]
     assert len(line.rsplit(": ", 1)[1]) == 8
+
+
+def _depthwise_model(bias: bool = True):
+    """x (N, 4, 6, 6) -> depthwise 3x3 Conv whose kernels have a dominant centre tap (as
+    EfficientNet-Lite's do), so that rounding the small taps shifts the output mean."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    w = rng.uniform(0.2, 0.45, (4, 1, 3, 3)).astype(np.float32)
+    w[:, 0, 1, 1] = 30.0
+    inits = [numpy_helper.from_array(w, "w")]
+    inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(np.array([0.5, -1.0, 0.0, 2.0], np.float32), "b"))
+        inputs.append("b")
+    node = helper.make_node("Conv", inputs, ["y"], name="dw", group=4, kernel_shape=[3, 3])
+    graph = helper.make_graph([node], "dw", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def test_bias_correction_removes_the_mean_shift_of_rounded_weights():
+    import onnxruntime as ort
+
+    from edgerun.calibration.stats import Range
+
+    rng = np.random.default_rng(3)
+    x = (3.0 + rng.standard_normal((64, 4, 6, 6))).astype(np.float32)  # inputs with a clear mean
+    mean = x.mean(axis=(0, 2, 3))
+    outputs = {}
+    for name, means in (("float", None), ("plain", {}), ("corrected", {"x": mean})):
+        model, _ = _depthwise_model()
+        if means is not None:
+            targets = find_targets(model.graph)
+            insert_qdq(model, targets, {"x": Range(10.0, -10.0, 10.0)}, scheme="tensorrt", means=means)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs[name] = sess.run(None, {"x": x})[0]
+        if name == "corrected":
+            inits = {t.name for t in model.graph.initializer}
+            assert model.graph.node[-1].input[2] == "dw_bias_corrected" and "b" not in inits
+    shift = {k: np.abs((outputs[k] - outputs["float"]).mean(axis=(0, 2, 3))).max() for k in ("plain", "corrected")}
+    assert shift["plain"] > 0.01 and shift["corrected"] < shift["plain"] / 10
+
+
+def test_bias_correction_skips_a_conv_without_bias():
+    model, _ = _depthwise_model(bias=False)
+    insert_qdq(model, find_targets(model.graph), {"x": tensor_range_of(np.arange(-5, 6, dtype=np.float32))},
+               scheme="cpu", means={"x": np.ones(4, np.float32)})
+    assert len(model.graph.node[-1].input) == 2
+
+
+def tensor_range_of(values):
+    from edgerun.calibration.stats import TensorStats
+
+    stats = TensorStats()
+    stats.fold(values)
+    return tensor_range(stats, "minmax")
+
+
+def test_stats_runner_collects_per_channel_means(vision):
+    path, _, targets, _ = vision
+    conv = next(t for t in targets if t.op == "Conv")
+    runner = StatsRunner(path, ["image_embeds"], [t.activation for t in targets], threads=1, means=[conv.activation])
+    rng = np.random.default_rng(1)
+    batches = [(rng.standard_normal((n, 3, 32, 32)) + np.array([1.0, -2.0, 0.5])[:, None, None]).astype(np.float32)
+               for n in (2, 3)]
+    for pixels in batches:
+        runner.infer({"pixel_values": pixels})
+    want = np.concatenate(batches).mean(axis=(0, 2, 3))
+    got = runner.channel_means()
+    assert set(got) == {conv.activation} and np.allclose(got[conv.activation], want, atol=1e-5)

@@ -93,3 +93,18 @@ def test_video_every_nth_frame(tmp_path):
 def test_camera_that_cannot_open():
     with pytest.raises(InputError, match="camera 97 cannot be opened"):
         list(open_source("camera:97").calibration(2))
+
+
+def test_augment_tops_a_small_folder_up_with_views_unlike_the_held_out_ones(folder):
+    source = open_source(str(folder), seed=0)
+    got = list(source.calibration(12, augment=True))
+    assert len(got) == 12 and source.report.calibration == 12 and source.report.calibration_views == 7
+    originals = {n for n, _ in got[:5]}
+    assert all("#view" in n and n.split("#")[0] in originals for n, _ in got[5:])
+    assert all(im.shape[0] < 40 or im.shape[1] < 48 for _, im in got[5:])  # crops, not the originals
+    held = list(source.holdout(7))
+    assert len(held) == 7 and source.report.views == 7 and source.report.held_out == 7
+    calibration_views = {im.tobytes() for _, im in got[5:]}
+    assert not any(im.tobytes() in calibration_views for _, im in held)
+    plain = open_source(str(folder), seed=0)
+    assert len(list(plain.calibration(12))) == 5  # without augment: what the folder holds

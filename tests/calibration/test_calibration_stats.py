@@ -72,3 +72,43 @@ def test_bad_use():
     stats.fold(np.ones(3, np.float32))
     with pytest.raises(OptionError, match="minmax, entropy, percentile"):
         threshold(stats, "kl")
+
+
+def test_entropy_ignores_exact_zeros():
+    """After a ReLU6 most values are exactly 0; zeros are exact at any scale, so they must not pull
+    the KL threshold into the bulk (it fell to ~5 % of the range and the zoo embedding collapsed)."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.zeros(900_000, np.float32), rng.uniform(0.0, 6.0, 100_000).astype(np.float32)])
+    stats = TensorStats()
+    stats.fold(x[:500_000])
+    stats.fold(x[500_000:])
+    assert stats.zeros == 900_000
+    hist = stats.abs_hist(zeros=False)
+    assert hist.sum() == 100_000 and stats.abs_hist().sum() == x.size
+    assert threshold(stats, "entropy") > 0.8 * 6.0
+    assert entropy_threshold(stats.abs_hist(), stats.width) < 0.5 * 6.0  # what counting the zeros gives
+
+
+def test_auto_keeps_sparse_outliers_and_clips_a_dense_tail():
+    """auto picks per tensor the least quantization error. Shaped like MiniLM's LayerNorm output
+    (bulk within 7.7, 0.03 % of the values near 28): entropy clips the outliers to the bulk, auto keeps
+    them. A dense Laplace tail: auto clips it (minmax would not)."""
+    from edgerun.calibration.stats import choose, quantization_mse
+
+    rng = np.random.default_rng(5)
+    x = np.clip(rng.standard_normal(200_000) * 1.5, -7.7, 7.7).astype(np.float32)
+    x[:60] = 28.0 - rng.uniform(0, 0.3, 60)
+    sparse = TensorStats()
+    sparse.fold(x)
+    method, amax = choose(sparse)
+    assert threshold(sparse, "entropy") < 8.0 and method != "entropy" and amax > 27.0
+
+    dense = TensorStats()
+    dense.fold(rng.laplace(0, 1, 400_000).astype(np.float32))
+    method, amax = choose(dense)
+    assert method != "minmax" and amax < 0.9 * threshold(dense, "minmax")
+    errors = {m: quantization_mse(dense, threshold(dense, m)) for m in ("minmax", "entropy", "percentile")}
+    assert quantization_mse(dense, amax) == min(errors.values())
+    assert tensor_range(dense, "auto").amax == amax
+    with pytest.raises(OptionError, match="unknown calibration method 'auto'"):
+        threshold(dense, "auto")  # "auto" chooses among the thresholds; it is not one itself

@@ -1,0 +1,176 @@
+"""INT8 quality of zoo:effnet-lite0-minilm against its float twin: retrieval recall and top-1 agreement.
+
+    python benchmarks/int8_zoo.py photos DIR                 # DIR/images (the captioned photos), DIR/captions.json
+    python benchmarks/int8_zoo.py recall FLOAT INT8          # recall@1/@5 both ways, each INT8 variant
+    python benchmarks/int8_zoo.py top1 FLOAT INT8 --crops 1200   # EfficientNet-Lite0 top-1 agreement
+
+Both INT8 variants run on onnxruntime's CPU provider: `cpu` (U8S8 Q/DQ, what `edgerun.load` picks on
+CPU) and `tensorrt` (the symmetric S8 Q/DQ file TensorRT builds; onnxruntime runs the same
+arithmetic). `top1` compares the classifier's ImageNet logits, read from inside the image graph
+(the float Gemm before the temperature softmax), on random crops (55-90 % of each side, flipped half
+of the time; `edgerun.calibration.sources.view`) of every real photo the installed packages ship
+(scikit-image, scikit-learn, matplotlib, Debian's darknet), captioned or not.
+
+The recall photos are the calibration photos' originals when the bundle was calibrated on crops
+of them (`photos`, then `edge-run calibrate ... --augment`): the statistics saw crops of the
+evaluated photos, not the photos themselves, and no labels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from zoo_recall import line, metrics
+
+from edgerun.models.photos import load_photos, photo_roots
+
+SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def link_photos(folder: Path) -> None:
+    """FOLDER/images/: links to the captioned photos; FOLDER/captions.json: their captions (COCO
+    style, for `edge-run calibrate --eval`)."""
+    photos, missing = load_photos()
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for i, p in enumerate(photos):
+        name = f"images/{p.source}_{p.file}"
+        if not (folder / name).exists():
+            (folder / name).symlink_to(p.path)
+        images.append({"id": i, "file_name": name})
+        annotations.append({"id": i, "image_id": i, "caption": p.caption})
+    doc = {"info": {"description": "edge-run's captioned photos (edgerun/models/photos.json)"},
+           "images": images, "annotations": annotations}
+    (folder / "captions.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    print(f"{len(photos)} captioned photos in {folder}/images, captions in {folder}/captions.json; "
+          f"missing: {missing or 'none'}")
+
+
+def variant_files(bundle: Path) -> dict[str, dict[str, Path]]:
+    """{variant: {module: file}} of an INT8 bundle: "cpu" (the modules themselves), "tensorrt"."""
+    from edgerun.bundle import open_bundle
+
+    b = open_bundle(bundle)
+    out: dict[str, dict[str, Path]] = {"cpu": {}, "tensorrt": {}}
+    for name, spec in b.manifest.modules.items():
+        base, _, tag = name.partition("@")
+        out[tag or "cpu"][base] = b.file(spec.file)
+    return {k: v for k, v in out.items() if v}
+
+
+def run_recall(float_bundle: Path, int8_bundle: Path) -> None:
+    from edgerun.calibration.collect import file_model
+
+    photos, missing = load_photos()
+    print(f"{len(photos)} captioned photos, one caption each; missing sources: {missing or 'none'}")
+    images, captions = [str(p.path) for p in photos], [p.caption for p in photos]
+    q = file_model(int8_bundle, {}).manifest.quantization
+    print(f"{int8_bundle}: method {q['method']}, {q['samples']} samples, kept float "
+          f"{ {m: len(e['kept_float']) for m, e in q['modules'].items()} }")
+    models = {"float": file_model(float_bundle, {}, threads=2)}
+    models.update({f"int8 {k}": file_model(float_bundle, files, threads=2)
+                   for k, files in variant_files(int8_bundle).items()})
+    ref = None
+    for name, model in models.items():
+        img, txt = model.embed_images(images), model.embed_texts(captions)
+        extra = ""
+        if ref is None:
+            ref = img, txt
+        else:
+            extra = (f" | image cos {np.mean(np.sum(img * ref[0], 1)):.4f}"
+                     f" text cos {np.mean(np.sum(txt * ref[1], 1)):.4f}")
+        print(line(name, metrics(img @ txt.T)) + extra)
+
+
+def all_photos() -> list[Path]:
+    files = []
+    for root in photo_roots().values():
+        if root is not None:
+            files += sorted(p for p in root.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
+    return files
+
+
+def crops(n: int, seed: int) -> tuple[list[np.ndarray], int]:
+    from edgerun.calibration.sources import view
+    from edgerun.errors import InputError
+    from edgerun.runtime.image import load_image
+
+    images = []
+    for path in all_photos():
+        try:
+            images.append(load_image(path))
+        except (InputError, OSError):
+            pass
+    rng = np.random.default_rng(seed)
+    return [view(images[i % len(images)], rng) for i in range(n)], len(images)
+
+
+def logits_session(path: Path):
+    """A session of the image graph that returns the classifier's logits (its last Gemm's output)."""
+    import onnx
+
+    from edgerun.calibration.collect import augment, session
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    gemm = [n for n in graph.node if n.op_type == "Gemm"][-1].output[0]
+    return session(augment(path, [gemm]), path.parent, 2, lean=False), gemm
+
+
+def run_top1(float_bundle: Path, int8_bundle: Path, n: int, seed: int, batch: int = 32) -> None:
+    import edgerun
+
+    model = edgerun.load(float_bundle, threads=2)
+    pics, sources = crops(n, seed)
+    print(f"{n} crops (seed {seed}) of {sources} real photos")
+    files = {"float": model.bundle.file(model.bundle.module("image_embed").file)}
+    files.update({f"int8 {k}": v["image_embed"] for k, v in variant_files(int8_bundle).items()})
+    top = {}
+    for name, path in files.items():
+        sess, gemm = logits_session(path)
+        got = [sess.run([gemm], {"pixel_values": model.pixel_values(pics[i:i + batch])})[0]
+               for i in range(0, n, batch)]
+        top[name] = np.concatenate(got)
+    ref = top["float"]
+    order = np.sort(ref, 1)
+    margin = order[:, -1] - order[:, -2]
+    for name, logits in top.items():
+        same = logits.argmax(1) == ref.argmax(1)
+        rel = np.linalg.norm(logits - ref) / np.linalg.norm(ref)
+        top5 = np.mean([len(set(a) & set(b)) / 5 for a, b in
+                        zip(np.argsort(-ref, 1)[:, :5], np.argsort(-logits, 1)[:, :5])])
+        print(f"{name:14s} top-1 agreement {same.mean():.4f} ({same.sum()}/{n}) | top-5 overlap {top5:.4f} | "
+              f"logits rel. error {rel:.4f} | disagreements' median float margin "
+              f"{np.median(margin[~same]) if (~same).any() else float('nan'):.3f} (all: {np.median(margin):.3f})")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("photos").add_argument("folder", type=Path)
+    p = sub.add_parser("recall")
+    p.add_argument("float_bundle", type=Path)
+    p.add_argument("int8_bundle", type=Path)
+    p = sub.add_parser("top1")
+    p.add_argument("float_bundle", type=Path)
+    p.add_argument("int8_bundle", type=Path)
+    p.add_argument("--crops", type=int, default=1200)
+    p.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.cmd == "photos":
+        link_photos(args.folder)
+    elif args.cmd == "recall":
+        run_recall(args.float_bundle, args.int8_bundle)
+    else:
+        run_top1(args.float_bundle, args.int8_bundle, args.crops, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""`calibrate --eval DATA.json`: task metrics against the float twin's, and what --max-drop judges."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+import edgerun
+from edgerun.calibration import taskeval
+from edgerun.calibration.accuracy import AccuracyReport, Metric
+from edgerun.calibration.pipeline import CalibrationOptions, calibrate
+from edgerun.errors import InputError
+from edgerun.train.metrics import mean_vqa_accuracy
+
+
+def test_recall_both_directions():
+    # image 0 owns texts 0 and 1, image 1 text 2, image 2 text 3
+    owner = np.array([0, 0, 1, 2])
+    sim = np.array([[0.1, 0.9, 0.5, 0.0],    # image 0: own text 1 ranks first
+                    [0.8, 0.0, 0.2, 0.7],    # image 1: own text 2 below texts 0 and 3 (rank 2)
+                    [0.0, 0.3, 0.1, 0.2]])   # image 2: own text 3 below text 1 (rank 1)
+    got = {(name, k): v for name, k, v in taskeval.recall(sim, owner)}
+    assert got[("image_to_text_recall", 1)] == pytest.approx(1 / 3)
+    assert got[("image_to_text_recall", 5)] == 1.0
+    # texts: 0 -> image 0 (0.1) below image 1 (0.8): rank 1; 1 -> rank 0; 2 -> below image 0: rank 1; 3 -> rank 1
+    assert got[("text_to_image_recall", 1)] == pytest.approx(1 / 4)
+    assert got[("text_to_image_recall", 5)] == 1.0
+
+
+def test_task_metrics_gate_max_drop():
+    agreement = Metric("vqa", "exact_answer_agreement", 0.5)
+    task = Metric("vqa", "vqa_accuracy", 0.79, reference=0.80)
+    assert task.drop == pytest.approx(0.01) and agreement.drop == 0.5
+    assert Metric("vqa", "vqa_accuracy", 0.9, reference=0.8).drop == 0.0  # better than float: no drop
+    report = AccuracyReport("cpu", 8, [agreement, task])
+    assert report.gating == [task] and report.within(0.02) and not report.within(0.005)
+    assert report.worst is task
+    assert AccuracyReport("cpu", 8, [agreement]).within(0.4) is False  # no task metric: agreement gates
+
+
+def test_data_spec_and_empty_data(tmp_path):
+    assert taskeval.is_data_spec("a.json,b.JSON") and not taskeval.is_data_spec("photos/")
+    (tmp_path / "empty.json").write_text(json.dumps({"images": [], "annotations": []}))
+    with pytest.raises(InputError):
+        taskeval.load(str(tmp_path / "empty.json"), 8)
+
+
+@pytest.fixture(scope="module")
+def vqa_data(vqa_bundle, tmp_path_factory):
+    """Images and questions whose answers are the float bundle's own: float accuracy is 1 by design."""
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("vqa-data")
+    names = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "colorwheel")
+    for name in names:
+        cv2.imwrite(str(folder / f"{name}.jpg"), getattr(data, name)()[..., :3][..., ::-1])
+    asked = ["what is it?", "what color is it?"]
+    model = edgerun.load(vqa_bundle)
+    rows = [(i, q) for i in range(len(names)) for q in asked]
+    found = model.answer_batch([str(folder / f"{names[i]}.jpg") for i, _ in rows], [q for _, q in rows],
+                               num_beams=1)
+    doc = {"images": [{"id": i, "file_name": f"{n}.jpg"} for i, n in enumerate(names)],
+           "questions": [{"question_id": k, "image_id": i, "question": q, "answer": a.text}
+                         for k, ((i, q), a) in enumerate(zip(rows, found))]}
+    (folder / "qa.json").write_text(json.dumps(doc))
+    return folder, rows, [a.text for a in found], names
+
+
+def test_eval_data_scores_vqa_accuracy_against_the_float_twin(vqa_bundle, vqa_data, tmp_path):
+    folder, rows, labels, names = vqa_data
+    options = CalibrationOptions(samples=4, decoder_samples=2, eval_data=str(folder / "qa.json"), eval_samples=5)
+    report = calibrate(vqa_bundle, str(folder), tmp_path / "out", options)
+    cpu = next(r for r in report.accuracy if r.variant == "cpu")
+    metric = next(m for m in cpu.metrics if m.name == "vqa_accuracy")
+    assert metric.reference == 1.0  # the labels are the float answers
+    kept = [(i, q) for i, q in rows if i < 5]  # --eval-samples 5: the first five images' questions
+    int8 = edgerun.load(tmp_path / "out")
+    got = int8.answer_batch([str(folder / f"{names[i]}.jpg") for i, _ in kept], [q for _, q in kept], num_beams=1)
+    assert metric.value == pytest.approx(mean_vqa_accuracy([a.text for a in got], [(t,) for t in labels[:len(kept)]]))
+    q = json.loads((tmp_path / "out" / "manifest.json").read_text())["quantization"]
+    assert q["accuracy"]["eval_data"] == {"images": 5, "captions": 0, "questions": len(kept)}
+    entry = next(m for v in q["accuracy"]["variants"] if v["variant"] == "cpu" for m in v["metrics"]
+                 if m["metric"] == "vqa_accuracy")
+    assert entry["float"] == 1.0 and entry["drop"] == pytest.approx(1.0 - metric.value, abs=1e-6)
