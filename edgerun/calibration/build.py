@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..manifest import ModuleSpec
-from .nodes import Target, find_targets, float_nodes, name_nodes
+from .nodes import HEAD_REASON, Target, find_targets, float_nodes, name_nodes
 from .shared import share_weights
 from .stats import Range
 
@@ -107,24 +107,32 @@ def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, schem
     return count
 
 
-def write_dynamic(plan: ModulePlan, dst: Path, per_channel: bool) -> int:
+def head_targets(plan: ModulePlan) -> list[Target]:
+    """The output-head layers that stay float by default (the LM head of a decoder)."""
+    return [t for t in plan.targets if plan.kept.get(t.node) == HEAD_REASON]
+
+
+def write_dynamic(plan: ModulePlan, dst: Path, per_channel: bool, head: bool = False) -> int:
+    """The decoder's onnxruntime variant; `head`: its LM head INT8 as well (decoder.py)."""
     from .decoder import write_dynamic as write
 
-    return write(plan.path, dst, plan.quantized, per_channel=per_channel)
+    return write(plan.path, dst, plan.quantized + (head_targets(plan) if head else []), per_channel=per_channel)
 
 
 def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Path, per_channel: bool,
-               progress: Callable[[str], None] = lambda msg: None, means: Mapping | None = None) -> list[Variant]:
+               progress: Callable[[str], None] = lambda msg: None, means: Mapping | None = None,
+               int8_head: bool = False) -> list[Variant]:
     """The CPU and TensorRT variants of one module, written into `out_dir`. A decoder without
     statistics (calibrated on no samples) gets no TensorRT variant; another module without them
-    (one the calibration runs never reach) none at all: it stays float."""
+    (one the calibration runs never reach) none at all: it stays float. `int8_head`: a decoder's
+    onnxruntime variant quantizes its LM head too."""
     variants = []
     if not plan.decoder and not ranges:
         progress(f"{plan.name}: stays float (the calibration runs did not reach it)")
         return variants
     cpu_file = f"{plan.name}.int8.onnx"
     if plan.decoder:
-        n = write_dynamic(plan, out_dir / cpu_file, per_channel)
+        n = write_dynamic(plan, out_dir / cpu_file, per_channel, head=int8_head)
         variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "dynamic-int8", "int8", n))
     else:
         n = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel, means)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 QUANT_OPS = ("MatMul", "Gemm", "Conv")
 _SHAPE_OPS = ("Shape", "Size")
 _NORM_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "GroupNormalization", "RMSNormalization")
+HEAD_REASON = "output head"
 HEAD_OUTPUTS = {  # role -> the outputs whose producing linear layer is the head; None: every output
     "decoder": ("logits",),
     "answer_classifier": None,
@@ -94,7 +95,7 @@ def default_float(graph, role: str | None, targets: Sequence[Target]) -> dict[st
         names = HEAD_OUTPUTS[role]
         outputs = [o.name for o in graph.output if names is None or o.name in names]
         for name in _nearest(graph, outputs, linear, forward=False, stop=_NORM_OPS):
-            kept.setdefault(name, "output head")
+            kept.setdefault(name, HEAD_REASON)
     return kept
 
 

@@ -50,6 +50,7 @@ class CalibrationOptions:
     seed: int = 0
     per_channel: bool = True  # weights: one scale per output channel
     bias_correction: bool = True  # add back the mean output shift rounded conv weights cause (qdq.py)
+    int8_head: bool = False  # decoders' onnxruntime variant: the LM head (one tied int8 table) too
     keep_float: tuple[str, ...] = ()  # node-name globs or op types, optionally MODULE:PATTERN
     max_drop: float | None = None  # fail when a held-out metric drops more than this (0..1)
     gate: tuple[str, ...] = ()  # metric-name globs max_drop judges; (): the --eval task metrics, else all
@@ -300,7 +301,8 @@ class _Job:
                 self.progress(f"{name}: stays float ({len(plan.targets)} linear layers, none to quantize)")
                 continue
             written = build.write_int8(plan, self.ranges.get(name), self.out_dir, self.options.per_channel,
-                                       self.progress, means=self.means.get(name))
+                                       self.progress, means=self.means.get(name),
+                                       int8_head=self.options.int8_head)
             if written:
                 out[name] = written
             elif (note := f"{name} stays float: no calibration statistics reached it") not in self.notes:
@@ -404,7 +406,7 @@ class _Job:
         out: dict = {"method": "fp16" if o.fp16 else o.method}
         if not o.fp16:
             out.update(samples=self.used, samples_requested=o.samples, seed=o.seed, per_channel=o.per_channel,
-                       bias_correction=o.bias_correction,
+                       bias_correction=o.bias_correction, int8_head=o.int8_head,
                        decoder_samples=min(self.used, o.decoder_samples),
                        activations={"cpu": "uint8 asymmetric (decoders: dynamic)", build.TRT_TAG: "int8 symmetric"})
             if o.method == "auto":

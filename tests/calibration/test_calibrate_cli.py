@@ -63,3 +63,30 @@ def test_gate_names_the_metrics_max_drop_judges(blip_bundle, images, tmp_path):
     result = _run(*common, "-o", tmp_path / "out", "--gate", "recall@5")
     assert "names no metric of this bundle" in str(result.exception) and "logits_cosine" in str(result.exception)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", [[], ["--int8-head"]])
+def test_int8_head_quantizes_the_tied_lm_head_of_the_cpu_variant(blip_bundle, images, tmp_path, flag):
+    import json
+
+    import onnx
+
+    import edgerun
+
+    out = tmp_path / "int8-head"
+    result = CliRunner().invoke(calibrate, [str(blip_bundle), "--data", str(images), "-o", str(out),
+                                            "--samples", "4", "--eval-samples", "2", *flag])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["int8_head"] is bool(flag)
+    cpu = onnx.load(str(out / manifest["modules"]["decoder"]["file"]), load_external_data=False).graph
+    source = onnx.load(str(blip_bundle / "decoder.onnx"), load_external_data=False).graph
+    gathered = {n.input[0] for n in source.node if n.op_type == "Gather"}
+    head = next(n.input[1] for n in source.node if n.op_type == "Gemm" and n.input[1] in gathered)  # tied table
+    tables = {i.name: i.data_type for i in cpu.initializer}
+    assert (head in tables) is not bool(flag)  # float, or gone in favour of one int8 copy
+    assert (tables.get(f"{head}_quantized") == onnx.TensorProto.INT8) is bool(flag)
+    int8_gather = any(n.op_type == "Gather" and n.input[0].endswith("_quantized") for n in cpu.node)
+    assert int8_gather is bool(flag)
+    caption = edgerun.load(out).caption(np.full((32, 32, 3), 90, np.uint8), num_beams=2, max_new_tokens=4)
+    assert len(caption.token_ids) >= 2
