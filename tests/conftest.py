@@ -85,3 +85,23 @@ def zoo_export(tmp_path_factory):
     exporter = ZooRetrievalExporter(model, zoo.ZeroShotOptions())
     report = write_bundle(exporter, tmp_path_factory.mktemp("zoo") / "effnet-lite0-minilm")
     return exporter, report, edgerun.load(report.path, threads=2)
+
+
+@pytest.fixture(scope="session")
+def multi_bundle(tmp_path_factory):
+    """A tiny built-in bundle serving caption, vqa and retrieval from one image encoder."""
+    import torch
+
+    from edgerun.export.builtin import export_checkpoint
+    from edgerun.models.families import build_model, build_tokenizer, preprocess_config, save_checkpoint
+    from edgerun.models.families.toydata import quick_fit, toy_dataset
+
+    torch.set_num_threads(1)
+    data = toy_dataset(12, size=40, seed=2)
+    tok = build_tokenizer(data.texts())
+    torch.manual_seed(0)
+    model = build_model("tiny-vit-all", vocab_size=tok.vocab_size, answers=data.answer_set())
+    quick_fit(model, data.batch(tok, preprocess_config(model), data.answer_set()), steps=15)
+    folder = tmp_path_factory.mktemp("multi")
+    ckpt = save_checkpoint(model, folder / "best.pt", tokenizer=tok)
+    return export_checkpoint(f"ckpt:{ckpt}", "all", folder / "bundle").path

@@ -57,11 +57,11 @@ def rewritable(graph, targets: Sequence[Target]) -> list[Target]:
     out = []
     for t in targets:
         node = nodes[t.node]
-        if t.op == "MatMul" and len(readers[t.weight]) == 1:
-            out.append(t)
-        elif t.op == "Gemm" and _plain_gemm(node) and all(
-                r is node or (r.op_type == "Gather" and r.input[0] == t.weight and _attr(r, "axis", 0) == 0)
-                for r in readers[t.weight]):
+        only_reader = t.op == "MatMul" and len(readers[t.weight]) == 1
+        tied_head = t.op == "Gemm" and _plain_gemm(node) and all(
+            r is node or (r.op_type == "Gather" and r.input[0] == t.weight and _attr(r, "axis", 0) == 0)
+            for r in readers[t.weight])
+        if only_reader or tied_head:
             out.append(t)
     return out
 

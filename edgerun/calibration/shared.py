@@ -9,6 +9,7 @@ external data is a file name, an offset and a length, so both sessions read the 
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 
@@ -38,19 +39,20 @@ def share_weights(primary: Path, secondary: Path) -> int:
 
     index = _index(primary)
     model = onnx.load(str(secondary))  # weights loaded: its own data file is rewritten below
-    files: dict[str, object] = {}
     saved = 0
-    try:
+    with contextlib.ExitStack() as files:
+        opened: dict[str, object] = {}
         for t in model.graph.initializer:
             found = index.get(t.name)
             if found is None or (t.data_type, tuple(t.dims)) != found[:2] or not t.HasField("raw_data"):
                 continue
-            dtype, dims, location, offset, length = found
+            location, offset, length = found[2:]
             if length != len(t.raw_data):
                 continue
-            fh = files.get(location) or files.setdefault(location, open(primary.parent / location, "rb"))
-            fh.seek(offset)
-            if fh.read(length) != t.raw_data:
+            if location not in opened:
+                opened[location] = files.enter_context(open(primary.parent / location, "rb"))
+            opened[location].seek(offset)
+            if opened[location].read(length) != t.raw_data:
                 continue
             t.ClearField("raw_data")
             t.data_location = onnx.TensorProto.EXTERNAL
@@ -58,9 +60,6 @@ def share_weights(primary: Path, secondary: Path) -> int:
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
                 t.external_data.add(key=key, value=value)
             saved += length
-    finally:
-        for fh in files.values():
-            fh.close()
     data = secondary.with_name(secondary.name + ".data")
     data.unlink(missing_ok=True)
     onnx.save_model(model, str(secondary), save_as_external_data=True, all_tensors_to_one_file=True,

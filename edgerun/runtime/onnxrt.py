@@ -92,40 +92,16 @@ def session_options(threads: int | None, *, shared: bool = False):
     return so
 
 
-class OnnxRuntimeRunner:
-    """One ONNX file in one onnxruntime session."""
+class Runner:
+    """What every backend's runner shares: `inputs`/`outputs` (IOSpec lists), `path`, the feed check
+    and the timed `infer`; a backend writes `_infer_impl` alone (Polygraphy's BaseRunner pattern)."""
 
-    def __init__(self, path: str | Path, *, backend: str = "cpu", threads: int | None = None,
-                 provider_options: dict | None = None):
-        """provider_options: {provider name: its options}, e.g. the TensorRT provider's caches and
-        profile shapes (edgerun.runtime.iobinding.ort_trt_options)."""
-        import onnxruntime as ort
-
-        if backend not in _PROVIDERS:
-            raise OptionError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
-        available = ort.get_available_providers()
-        wanted = _PROVIDERS[backend][0]
-        if wanted not in available:
-            raise OptionError(
-                f"backend {backend!r} needs onnxruntime's {wanted}, which this onnxruntime lacks "
-                f"(available: {', '.join(available)}); install it with: pip install 'edge-run[gpu]'")
-        self.path = Path(path)
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), session_options(threads, shared=backend == "cpu"),
-                providers=[(p, (provider_options or {}).get(p, {})) for p in _PROVIDERS[backend] if p in available])
-        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-            raise BundleError(f"{self.path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from exc
-        self.inputs = [self._spec(i) for i in self.session.get_inputs()]
-        self.outputs = [self._spec(o) for o in self.session.get_outputs()]
-        self._output_names = [o.name for o in self.outputs]
-        self.last_time = 0.0
-        self.total_time = 0.0
-        self.calls = 0
-
-    @staticmethod
-    def _spec(arg) -> IOSpec:
-        return IOSpec(arg.name, _ORT_DTYPES.get(arg.type, np.float32), tuple(arg.shape))
+    path: Path
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+    last_time: float = 0.0
+    total_time: float = 0.0
+    calls: int = 0
 
     def check(self, feeds: dict) -> None:
         """Names, dtypes, ranks and fixed dims of `feeds`; InputError says which and what was expected."""
@@ -152,6 +128,42 @@ class OnnxRuntimeRunner:
         self.total_time += self.last_time
         self.calls += 1
         return out
+
+    def _infer_impl(self, feeds: dict) -> dict:
+        raise NotImplementedError
+
+
+class OnnxRuntimeRunner(Runner):
+    """One ONNX file in one onnxruntime session."""
+
+    def __init__(self, path: str | Path, *, backend: str = "cpu", threads: int | None = None,
+                 provider_options: dict | None = None):
+        """provider_options: {provider name: its options}, e.g. the TensorRT provider's caches and
+        profile shapes (edgerun.runtime.iobinding.ort_trt_options)."""
+        import onnxruntime as ort
+
+        if backend not in _PROVIDERS:
+            raise OptionError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+        available = ort.get_available_providers()
+        wanted = _PROVIDERS[backend][0]
+        if wanted not in available:
+            raise OptionError(
+                f"backend {backend!r} needs onnxruntime's {wanted}, which this onnxruntime lacks "
+                f"(available: {', '.join(available)}); install it with: pip install 'edge-run[gpu]'")
+        self.path = Path(path)
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), session_options(threads, shared=backend == "cpu"),
+                providers=[(p, (provider_options or {}).get(p, {})) for p in _PROVIDERS[backend] if p in available])
+        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+            raise BundleError(f"{self.path} is not a loadable ONNX model: {str(exc).splitlines()[0]}") from exc
+        self.inputs = [self._spec(i) for i in self.session.get_inputs()]
+        self.outputs = [self._spec(o) for o in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    @staticmethod
+    def _spec(arg) -> IOSpec:
+        return IOSpec(arg.name, _ORT_DTYPES.get(arg.type, np.float32), tuple(arg.shape))
 
     def _infer_impl(self, feeds: dict) -> dict:
         return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))

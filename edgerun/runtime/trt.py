@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from ..errors import BundleError, EdgeRunError, MissingDependencyError
 from .guard import DeviceInfo, decide, engine_for, refusal
-from .onnxrt import IOSpec
+from .onnxrt import IOSpec, Runner
 from .profiles import Profile, ShapeOutsideProfilesError, choose_profile
 from .trtapi import TRT_EXTRA, api, import_tensorrt
 
@@ -130,7 +129,7 @@ class _Buffer:
             self.nbytes, self.host = 0, None
 
 
-class TrtRunner:
+class TrtRunner(Runner):
     """One TensorRT engine file; `infer(feeds) -> outputs` like every runner."""
 
     def __init__(self, path: str | Path, entry: dict, *, trt=None, cuda: CudaRuntime | None = None,
@@ -139,8 +138,6 @@ class TrtRunner:
         self.api = api(self.trt)
         self.cuda = cuda if cuda is not None else CudaRuntime()
         self.rebuild = rebuild
-        self.last_time = self.total_time = 0.0
-        self.calls = 0
         self._buffers: dict[str, _Buffer] = {}
         self._load(Path(path), entry)
         self.stream = self.cuda.stream()
@@ -172,21 +169,6 @@ class TrtRunner:
         spec = lambda t: IOSpec(t.name, t.dtype, tuple(d if d >= 0 else None for d in t.shape))
         self.inputs = [spec(t) for t in self.tensors if t.is_input]
         self.outputs = [spec(t) for t in self.tensors if not t.is_input]
-
-    def check(self, feeds: dict) -> None:
-        from .onnxrt import OnnxRuntimeRunner
-
-        OnnxRuntimeRunner.check(self, feeds)  # the same checks for every backend
-
-    def infer(self, feeds: dict, *, check: bool = True) -> dict:
-        if check:
-            self.check(feeds)
-        start = time.perf_counter()
-        out = self._infer_impl(feeds)
-        self.last_time = time.perf_counter() - start
-        self.total_time += self.last_time
-        self.calls += 1
-        return out
 
     def _profile(self, feeds: dict) -> int:
         shapes = {k: tuple(v.shape) for k, v in feeds.items()}

@@ -43,23 +43,9 @@ def video(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def multi(tmp_path_factory):
-    """A tiny built-in bundle serving caption, vqa and retrieval from one image encoder."""
-    import torch
-
-    from edgerun.export.builtin import export_checkpoint
-    from edgerun.models.families import build_model, build_tokenizer, preprocess_config, save_checkpoint
-    from edgerun.models.families.toydata import quick_fit, toy_dataset
-
-    torch.set_num_threads(1)
-    data = toy_dataset(12, size=40, seed=2)
-    tok = build_tokenizer(data.texts())
-    torch.manual_seed(0)
-    model = build_model("tiny-vit-all", vocab_size=tok.vocab_size, answers=data.answer_set())
-    quick_fit(model, data.batch(tok, preprocess_config(model), data.answer_set()), steps=15)
-    folder = tmp_path_factory.mktemp("camera-multi")
-    ckpt = save_checkpoint(model, folder / "best.pt", tokenizer=tok)
-    return edgerun.load(export_checkpoint(f"ckpt:{ckpt}", "all", folder / "bundle").path, threads=1)
+def multi(multi_bundle):
+    """The tiny multi-task bundle (tests/conftest.py), loaded."""
+    return edgerun.load(multi_bundle, threads=1)
 
 
 class Events:
