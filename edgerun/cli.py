@@ -132,8 +132,13 @@ def demo(rebuild):
 def info(bundle):
     """Print a bundle's tasks, modules, precisions, inputs/outputs and sizes."""
     from .bundle import describe, open_bundle
+    from .runtime.iobinding import providers_report
 
     click.echo(describe(open_bundle(bundle, verify="none")))
+    report = providers_report()  # what this machine can run it on (onnxruntime vs onnxruntime-gpu)
+    click.echo(f"this machine: onnxruntime {report['onnxruntime']} "
+               f"({', '.join(report['distributions']) or 'no distribution found'}), "
+               f"providers {', '.join(report['providers'])}")
 
 
 @cli.command()

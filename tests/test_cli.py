@@ -47,6 +47,9 @@ def test_info_and_validate(blip_bundle):
     assert out.returncode == 0, out.stderr
     assert "caption: vision -> cross_kv -> decoder" in out.stdout
     assert "past_key: float32[past, 2, rows, 4, 8]" in out.stdout
+    import onnxruntime
+
+    assert f"providers {', '.join(onnxruntime.get_available_providers())}" in out.stdout
     out = run("validate", blip_bundle)
     assert out.returncode == 0 and "OK" in out.stdout
 
