@@ -74,6 +74,7 @@ def caption(bundle, images, prompt, threads, as_json, **kwargs):
     from .runtime.model import load
 
     model = load(bundle, threads=threads)
+    model.warm(["caption"])  # its sessions, several at once
     options = _options(kwargs)
     for image in images:
         start = time.perf_counter()
@@ -100,6 +101,7 @@ def vqa(bundle, image, question, threads, as_json, **kwargs):
     from .runtime.model import load
 
     model = load(bundle, threads=threads)
+    model.warm(["vqa"])
     start = time.perf_counter()
     result = model.answer(image, question, **_options(kwargs))
     results = result if isinstance(result, list) else [result]

@@ -133,7 +133,8 @@ def edgerun_worker(spec: dict) -> dict:
     options, task = BenchOptions(**spec["options"]), spec["task"]
     model = load(spec["bundle"], backend=spec["backend"], threads=options.threads)
     decoders = decoder_modules(model, task)
-    runners = {n: model.runner(n) for n in model.manifest.tasks[task].modules}  # sessions: made on first use
+    model.warm([task])  # the sessions, made several at once (as `edge-run caption` does)
+    runners = {n: model.runner(n) for n in model.manifest.tasks[task].modules}
     loaded = time.time()
     job = (_RetrievalJob if task == "retrieval" else _GenerateJob)(model, task, options,
                                                                    _Inputs(spec["images"], options.batch))

@@ -114,6 +114,23 @@ class Model:
 
         return itm_scores(self, image, texts, pixel_values=pixel_values)
 
+    def warm(self, tasks: Sequence[str] | None = None) -> None:
+        """Create the sessions of `tasks` (default: every task) now rather than on first use, several
+        at once: loading weights and prepacking them is mostly single-threaded work."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from .onnxrt import default_threads
+
+        names = list(dict.fromkeys(m for t in (tasks or self.tasks) for m in self.manifest.tasks[self._require(t)].modules))
+        todo = [n for n in names if n not in self._runners]
+        if len(todo) <= 1:
+            for name in todo:
+                self.runner(name)
+            return
+        with ThreadPoolExecutor(min(len(todo), default_threads())) as pool:
+            made = dict(zip(todo, pool.map(self._new_runner, todo)))
+        self._runners.update(made)
+
     def runner(self, module: str) -> OnnxRuntimeRunner:
         """The session of `module`, in the variant made for this backend (e.g. `vision@tensorrt`)."""
         if module not in self._runners:

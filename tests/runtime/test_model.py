@@ -158,3 +158,18 @@ def test_runtime_never_imports_torch(blip_bundle, photo_path, tmp_path):
                          env={"EDGERUN_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert "BANNED []" in out.stdout
+
+
+def test_warm_makes_the_sessions_of_a_task_at_once(blip_bundle):
+    import edgerun
+    from edgerun.errors import OptionError
+
+    model = edgerun.load(blip_bundle)
+    assert model._runners == {}
+    model.warm(["caption"])
+    assert set(model._runners) == set(model.manifest.tasks["caption"].modules)
+    made = dict(model._runners)
+    model.warm()  # nothing left to make: the same sessions
+    assert model._runners == made
+    with pytest.raises(OptionError, match="does not serve vqa"):
+        model.warm(["vqa"])
