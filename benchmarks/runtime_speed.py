@@ -34,9 +34,9 @@ COLD_EXTRA_S = 1.0  # import + load + first caption at most this beyond the firs
 
 
 def bench(bundle: Path, out: Path, runs: int) -> None:
-    cmd = ["edge-run", "bench", str(bundle), "--compare", "torch", "--num-beams", "3", "--new-tokens", "20",
+    cmd = [sys.executable, "-m", "edgerun.cli", "bench", str(bundle), "--compare", "torch", "--num-beams", "3", "--new-tokens", "20",
            "--threads", "2", "--runs", str(runs), "--json", str(out)]
-    print("$", " ".join(cmd), flush=True)
+    print("$ edge-run", " ".join(cmd[3:]), flush=True)
     subprocess.run(cmd, check=True)
 
 

@@ -2,8 +2,8 @@
 
 The cache is preallocated for the whole generation, time-major (time, layer, row, head, dim), so
 that the past fed to each step is a contiguous prefix (no copy) and each step's new K/V are written
-in place. Beam reordering is one gather into a second preallocated buffer, then a swap. The
-cross-attention K/V stay one copy per image; the graph broadcasts the beams' queries over it.
+in place. Beam reordering copies only the rows that change, in place (staging in a preallocated
+spare buffer the rows another one still reads). The cross-attention K/V stay one copy per image; the graph broadcasts the beams' queries over it.
 """
 from __future__ import annotations
 
@@ -72,15 +72,17 @@ class DecoderInference:
         return out["logits"]
 
     def rearrange_kv_cache(self, source_indices: np.ndarray) -> None:
-        """Row r of the cache becomes row source_indices[r]: one strided copy per row into the
-        spare buffers, then a swap (a gather along the row axis with np.take ran at half the speed:
-        its inner chunks are one row's heads x dims)."""
+        """Row r of the cache becomes row source_indices[r], in place: only the rows that change are
+        copied (one strided copy each), after staging in the spare buffers those of them that another
+        changed row still reads. Beams mostly keep their rows, so this moves a fraction of the cache."""
         n = self.length
+        moves = {row: source for row, source in enumerate(source_indices.tolist()) if row != source}
+        staged = set(moves) & set(moves.values())  # overwritten, but another row's source
         for cache, spare in ((self._key, self._spare_key), (self._value, self._spare_value)):
-            for row, source in enumerate(source_indices.tolist()):
-                spare[:n, :, row] = cache[:n, :, source]
-        self._key, self._spare_key = self._spare_key, self._key
-        self._value, self._spare_value = self._spare_value, self._value
+            for row in staged:
+                spare[:n, :, row] = cache[:n, :, row]
+            for row, source in moves.items():
+                cache[:n, :, row] = (spare if source in staged else cache)[:n, :, source]
 
     def cleanup_caching(self) -> None:
         self.length = 0

@@ -173,3 +173,20 @@ def test_warm_makes_the_sessions_of_a_task_at_once(blip_bundle):
     assert model._runners == made
     with pytest.raises(OptionError, match="does not serve vqa"):
         model.warm(["vqa"])
+
+
+@pytest.mark.parametrize("sources", [[0, 0, 1], [1, 0, 2], [2, 0, 1], [0, 1, 2], [2, 2, 2], [1, 2, 0, 0]])
+def test_cache_reorder_moves_rows_like_a_gather(sources):
+    from edgerun.runtime.kvcache import DecoderInference
+
+    rows = len(sources)
+    dims = {"layers": 2, "heads": 3, "head_dim": 4}
+    inference = DecoderInference(None, {}, rows, 6, dims)
+    rng = np.random.default_rng(len(sources))
+    inference._key[:5] = rng.standard_normal(inference._key[:5].shape)
+    inference._value[:5] = rng.standard_normal(inference._value[:5].shape)
+    inference.length = 5
+    want_key, want_value = inference._key[:5][:, :, sources].copy(), inference._value[:5][:, :, sources].copy()
+    inference.rearrange_kv_cache(np.array(sources))
+    np.testing.assert_array_equal(inference._key[:5], want_key)
+    np.testing.assert_array_equal(inference._value[:5], want_value)
