@@ -25,6 +25,8 @@ import click
               "random crops and flips of them")
 @click.option("--seed", type=int, default=0, show_default=True, help="picks the samples from a folder")
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="weight scales")
+@click.option("--gptq/--no-gptq", default=True, show_default=True,
+              help="round convolutions' int8 weights against the error on their calibration inputs (else: nearest)")
 @click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
               help="add back the mean output shift that rounding a convolution's weights causes")
 @click.option("--int8-head", is_flag=True, help="decoders' onnxruntime variant: quantize the LM head too (the tied "
@@ -37,7 +39,8 @@ import click
 @click.option("--gate", multiple=True, metavar="GLOB",
               help="metrics --max-drop judges, by name (e.g. '*recall@5'); default: the --eval task metrics, "
                    "else every agreement metric")
-@click.option("--auto", is_flag=True, help="with --max-drop: keep the most sensitive layers float until within it")
+@click.option("--auto", is_flag=True, help="with --max-drop: keep the fewest most sensitive layers float that meet "
+              "it (doubling, then bisecting the count; each probe is a held-out comparison)")
 @click.option("--fp16", is_flag=True, help="write FP16 GPU variants (cuda, tensorrt, ort-trt) instead of INT8")
 @click.option("--sensitivity", is_flag=True, help="rank the layers by the error each one alone adds")
 @click.option("--eval", "eval_data", help="held-out data: images (default: source images calibration did not "
@@ -54,7 +57,7 @@ import click
               help="text file, one text a line, for the modules that read text")
 @click.option("--threads", type=int, help="onnxruntime threads (default: every core)")
 @click.option("--overwrite", is_flag=True, help="replace an existing bundle at OUTPUT")
-def calibrate(bundle, data, output, method, percentile, samples, augment, seed, per_channel, bias_correction,
+def calibrate(bundle, data, output, method, percentile, samples, augment, seed, per_channel, gptq, bias_correction,
               int8_head, keep_float, max_drop, gate, auto, fp16, sensitivity, eval_data, eval_samples, eval_beams,
               decoder_samples, batch_size, every, texts, threads, overwrite):
     """Quantize the float BUNDLE with calibration images from --data into the bundle OUTPUT."""
@@ -64,7 +67,7 @@ def calibrate(bundle, data, output, method, percentile, samples, augment, seed, 
     from .calibration.pipeline import calibrate as run
 
     options = CalibrationOptions(
-        method=method, percentile=percentile, samples=samples, augment=augment, seed=seed, per_channel=per_channel, bias_correction=bias_correction,
+        method=method, percentile=percentile, samples=samples, augment=augment, seed=seed, per_channel=per_channel, gptq=gptq, bias_correction=bias_correction,
         int8_head=int8_head,
         keep_float=keep_float, max_drop=max_drop, gate=gate, auto=auto, fp16=fp16, sensitivity=sensitivity,
         eval_data=eval_data, eval_samples=eval_samples, eval_beams=eval_beams, decoder_samples=decoder_samples,
@@ -77,6 +80,10 @@ def calibrate(bundle, data, output, method, percentile, samples, augment, seed, 
     for note in report.notes:
         click.echo(f"note: {note}")
     q = report.quantization
+    if "auto" in q:
+        a = q["auto"]
+        click.echo(f"auto: {a['float_layers']} of {a['ranked_layers']} ranked layers kept float after "
+                   f"{len(a['probes'])} probes ({', '.join(str(p['float_layers']) for p in a['probes'])})")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     samples_text = f", {q['samples']} samples" if "samples" in q else ""
     click.echo(f"wrote {report.path} in {report.seconds:.1f} s ({q['method']}{samples_text}; "

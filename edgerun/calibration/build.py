@@ -93,16 +93,18 @@ def _save(model, dst: Path) -> None:
 
 
 def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, scheme: str, per_channel: bool,
-                 means: Mapping | None = None) -> int:
+                 means: Mapping | None = None, codes: Mapping | None = None) -> int:
     """Write `plan`'s module with Q/DQ on its quantized layers to `dst`; returns the layer count.
-    `means`: per-channel input means of its convolutions, for bias correction (qdq.py)."""
+    `means`: per-channel input means of its convolutions, for bias correction (qdq.py); `codes`:
+    int8 weights rounded by gptq.py."""
     import onnx
 
     from .qdq import insert_qdq
 
     model = onnx.load(str(plan.path))
     name_nodes(model.graph)
-    count = insert_qdq(model, plan.quantized, ranges, scheme=scheme, per_channel=per_channel, means=means)
+    count = insert_qdq(model, plan.quantized, ranges, scheme=scheme, per_channel=per_channel, means=means,
+                       codes=codes)
     _save(model, dst)
     return count
 
@@ -121,11 +123,12 @@ def write_dynamic(plan: ModulePlan, dst: Path, per_channel: bool, head: bool = F
 
 def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Path, per_channel: bool,
                progress: Callable[[str], None] = lambda msg: None, means: Mapping | None = None,
-               int8_head: bool = False) -> list[Variant]:
+               int8_head: bool = False, codes: Mapping | None = None, tensorrt: bool = True) -> list[Variant]:
     """The CPU and TensorRT variants of one module, written into `out_dir`. A decoder without
     statistics (calibrated on no samples) gets no TensorRT variant; another module without them
     (one the calibration runs never reach) none at all: it stays float. `int8_head`: a decoder's
-    onnxruntime variant quantizes its LM head too."""
+    onnxruntime variant quantizes its LM head too. `tensorrt=False`: no TensorRT variant (a bundle
+    for onnxruntime alone, a third smaller)."""
     variants = []
     if not plan.decoder and not ranges:
         progress(f"{plan.name}: stays float (the calibration runs did not reach it)")
@@ -135,11 +138,11 @@ def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Pa
         n = write_dynamic(plan, out_dir / cpu_file, per_channel, head=int8_head)
         variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "dynamic-int8", "int8", n))
     else:
-        n = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel, means)
+        n = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel, means, codes)
         variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "u8s8-qdq", "int8", n))
-    if ranges:
+    if ranges and tensorrt:
         trt_file = f"{plan.name}.int8-{TRT_TAG}.onnx"
-        n = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel, means)
+        n = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel, means, codes)
         share_weights(out_dir / cpu_file, out_dir / trt_file)  # the int8 weights both read, stored once
         variants.append(Variant(f"{plan.name}@{TRT_TAG}", plan.name, trt_file, TRT_BACKENDS, "s8s8-qdq", "int8", n))
     progress(f"{plan.name}: {len(plan.quantized)} of {len(plan.targets)} linear layers INT8, "

@@ -27,12 +27,14 @@ from ..manifest import Manifest
 from . import accuracy, build, taskeval
 from .collect import QUESTIONS, TEXTS, Collector, auto_batch, file_model
 from .nodes import parse_patterns
+from .autosearch import FloatSearch
 from .sensitivity import LayerError, module_sensitivity
 from .sources import FolderSource, open_source
 from .stats import CANDIDATES, METHODS, Range, choose, tensor_range
 
+SENSITIVITY_FEEDS = 2  # recorded module feeds (calibration batches) the sensitivity pass replays
+GPTQ_FEEDS = 6  # ... and gptq.py's input moments read (the first batch is one image, the others up to 16)
 EVAL_BATCH = 8  # at most; a model whose activations fill a calibration batch with one image gets 1
-AUTO_ROUNDS = 6
 
 
 class AccuracyDropError(EdgeRunError):
@@ -49,6 +51,7 @@ class CalibrationOptions:
     augment: bool = False  # a folder with fewer than `samples` images: top it up with crops and flips
     seed: int = 0
     per_channel: bool = True  # weights: one scale per output channel
+    gptq: bool = True  # convolutions' int8 weights rounded against their inputs' error (gptq.py)
     bias_correction: bool = True  # add back the mean output shift rounded conv weights cause (qdq.py)
     int8_head: bool = False  # decoders' onnxruntime variant: the LM head (one tied int8 table) too
     keep_float: tuple[str, ...] = ()  # node-name globs or op types, optionally MODULE:PATTERN
@@ -164,9 +167,11 @@ class _Job:
         self.methods: dict[str, dict[str, str]] = {}  # module -> tensor -> the method its range came from
         self.means: dict[str, dict] = {}  # module -> conv input tensor -> per-channel mean (bias correction)
         self.probes: dict[str, list] = {}
+        self.codes: dict[str, dict] = {}  # module -> weight -> int8 codes (gptq.py)
         self.reports: list[accuracy.AccuracyReport] = []
         self.ranking: list[LayerError] = []
         self.auto_float: dict[str, dict[str, str]] = {}
+        self.search: FloatSearch | None = None
         self.notes: list[str] = []
         self.stages: dict[str, float] = {}
         self.used = 0
@@ -187,7 +192,8 @@ class _Job:
         means = {n: [t.activation for t in p.targets if t.op == "Conv"] for n, p in self.plans.items()
                  if p.quantized and o.bias_correction}
         collector = Collector(self.src.path, modules, decoders=[n for n, p in self.plans.items() if p.decoder],
-                              means=means, threads=o.threads)
+                              means=means, threads=o.threads,
+                              probes=GPTQ_FEEDS if o.gptq and o.per_channel else SENSITIVITY_FEEDS)
         self.progress(f"statistics: {o.method} over up to {o.samples} images from {self.source.report.source}")
         images = iter(self.source.calibration(o.samples, augment=o.augment))
         batch = o.batch_size or 1
@@ -217,6 +223,20 @@ class _Job:
         collector.close()
         gc.collect()
         self._timed("statistics", t0)
+        if o.gptq and o.per_channel:
+            self.round_weights()
+
+    def round_weights(self) -> None:
+        from .gptq import conv_codes
+
+        t0 = time.perf_counter()
+        for name, plan in self.plans.items():
+            if plan.quantized and not plan.decoder and self.probes.get(name):
+                self.codes[name] = conv_codes(plan.path, plan.quantized, self.probes[name], self.options.threads)
+                if self.codes[name]:
+                    self.progress(f"{name}: {len(self.codes[name])} convolutions' weights rounded against "
+                                  f"their inputs (gptq)")
+        self._timed("weight rounding", t0)
 
     # -- held-out data ------------------------------------------------------------------------------
 
@@ -287,9 +307,10 @@ class _Job:
         for name, plan in self.plans.items():
             outputs = ["logits"] if plan.decoder else [o.name for o in plan.spec.outputs]
             errors += module_sensitivity(name, plan.path, plan.quantized, self.ranges.get(name, {}),
-                                         self.probes.get(name, []), outputs, per_channel=self.options.per_channel,
+                                         self.probes.get(name, [])[:SENSITIVITY_FEEDS], outputs,
+                                         per_channel=self.options.per_channel,
                                          threads=self.options.threads, progress=self.progress,
-                                         means=self.means.get(name))
+                                         means=self.means.get(name), codes=self.codes.get(name))
         self.ranking = sorted(errors, key=lambda e: -e.error)
         self._timed("sensitivity", t0)
 
@@ -302,7 +323,7 @@ class _Job:
                 continue
             written = build.write_int8(plan, self.ranges.get(name), self.out_dir, self.options.per_channel,
                                        self.progress, means=self.means.get(name),
-                                       int8_head=self.options.int8_head)
+                                       int8_head=self.options.int8_head, codes=self.codes.get(name))
             if written:
                 out[name] = written
             elif (note := f"{name} stays float: no calibration statistics reached it") not in self.notes:
@@ -316,12 +337,42 @@ class _Job:
             raise OptionError(f"--gate {', '.join(self.options.gate)} names no metric of this bundle; its metrics: "
                               f"{names}")
 
-    def _keep_more(self, round_: int) -> bool:
-        """Keep the 2**round_ next-worst layers float; False when none is left to keep."""
-        left = [e for e in self.ranking if e.node not in self.plans[e.module].kept]
-        for e in left[:2 ** round_]:
+    def _float_worst(self, k: int) -> None:
+        """Keep exactly the `k` worst layers of the sensitivity ranking float (besides the patterns')."""
+        self.auto_float = {}
+        for e in self.ranking[:k]:
             self.auto_float.setdefault(e.module, {})[e.node] = f"--auto (sensitivity {e.error:.2e})"
-        return bool(left)
+
+    def _probe(self, batches, reference) -> tuple[dict[str, list[build.Variant]], bool]:
+        """Write the variants of the current float set and judge them; (variants, gate holds)."""
+        variants = self.write_int8()
+        tags = [None] + ([build.TRT_TAG] if any(len(v) > 1 for v in variants.values()) else [])
+        self.reports = self.evaluate(batches, variants, tags, reference)
+        self._check_gate()
+        return variants, all(r.within(self.options.max_drop) for r in self.reports)
+
+    def _worst(self) -> str:
+        worst = max((m for r in self.reports for m in r.gating), key=lambda m: m.drop, default=None)
+        return "" if worst is None else f"{worst.task} {worst.name} drop {worst.drop:.4f}"
+
+    def _auto(self, batches, reference) -> dict[str, list[build.Variant]]:
+        """The smallest float set of worst-ranked layers that meets --max-drop (autosearch.py)."""
+        self.search = FloatSearch(len(self.ranking))
+        done: dict[int, tuple] = {}
+        while (k := self.search.next()) is not None:
+            self._float_worst(k)
+            variants, ok = self._probe(batches, reference)
+            done[k] = (variants, self.reports)
+            self.search.record(k, ok, self._worst())
+            self.progress(f"auto: {k} layer(s) float: {'meets' if ok else 'exceeds'} --max-drop "
+                          f"{self.options.max_drop} ({self._worst() or 'no gated metric'})")
+        best = self.search.best
+        k = len(self.ranking) if best is None else best
+        if k != self.search.probes[-1].float_layers:  # the files on disk are another probe's
+            self._float_worst(k)
+            self.write_int8()
+        variants, self.reports = done[k]
+        return variants
 
     def int8(self) -> dict[str, list[build.Variant]]:
         self.collect()
@@ -329,18 +380,10 @@ class _Job:
         reference = self.reference(batches)
         if self.options.sensitivity or self.options.auto:
             self.sensitivity()
-        for round_ in range(AUTO_ROUNDS + 1):
-            variants = self.write_int8()
-            tags = [None] + ([build.TRT_TAG] if any(len(v) > 1 for v in variants.values()) else [])
-            self.reports = self.evaluate(batches, variants, tags, reference)
-            self._check_gate()
-            ok = all(r.within(self.options.max_drop) for r in self.reports)
-            if ok or not self.options.auto or round_ == AUTO_ROUNDS or not self._keep_more(round_):
-                break
-            worst = max((r.worst for r in self.reports), key=lambda m: m.drop)
-            self.progress(f"auto: worst drop {worst.drop:.4f} ({worst.task} {worst.name}) > "
-                          f"{self.options.max_drop}; keeping {sum(map(len, self.auto_float.values()))} "
-                          "sensitive layer(s) float")
+        if self.options.auto:
+            variants = self._auto(batches, reference)
+        else:
+            variants, _ = self._probe(batches, reference)
         if not variants and self.options.auto:
             raise AccuracyDropError(f"--auto: meeting --max-drop {self.options.max_drop} took every linear layer "
                                     "in float, so there is no INT8 bundle to write; calibrate on more --samples "
@@ -406,7 +449,7 @@ class _Job:
         out: dict = {"method": "fp16" if o.fp16 else o.method}
         if not o.fp16:
             out.update(samples=self.used, samples_requested=o.samples, seed=o.seed, per_channel=o.per_channel,
-                       bias_correction=o.bias_correction, int8_head=o.int8_head,
+                       bias_correction=o.bias_correction, gptq=o.gptq, int8_head=o.int8_head,
                        decoder_samples=min(self.used, o.decoder_samples),
                        activations={"cpu": "uint8 asymmetric (decoders: dynamic)", build.TRT_TAG: "int8 symmetric"})
             if o.method == "auto":
@@ -425,6 +468,8 @@ class _Job:
                 corrected = {t.node for t in plan.quantized if t.activation in self.means.get(name, {})}
                 if corrected:
                     entry["bias_corrected"] = len(corrected)
+                if self.codes.get(name):
+                    entry["gptq_rounded"] = len(self.codes[name])
                 used = list(self.methods.get(name, {}).values())
                 entry["activation_methods"] = {m: used.count(m) for m in sorted(set(used))}
                 if o.trt_cache and self.ranges.get(name):
@@ -436,8 +481,11 @@ class _Job:
             out["accuracy"]["eval_data"] = taskeval.counts(self.task_data)
         if self.ranking:
             out["sensitivity"] = [e.to_dict() for e in self.ranking[:50]]
-        if self.auto_float:
-            out["auto"] = {"max_drop": o.max_drop, "kept_float": {k: sorted(v) for k, v in self.auto_float.items()}}
+        if self.search is not None:
+            out["auto"] = {"max_drop": o.max_drop, "gate": list(o.gate), "ranked_layers": self.search.total,
+                           "float_layers": sum(map(len, self.auto_float.values())),
+                           "kept_float": {k: sorted(v) for k, v in self.auto_float.items()},
+                           "probes": [p.to_dict() for p in self.search.probes]}
         if self.notes:
             out["notes"] = list(self.notes)
         return out

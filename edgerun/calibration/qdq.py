@@ -63,10 +63,11 @@ def activation_params(r: Range, scheme: str) -> tuple[np.ndarray, np.ndarray]:
 class _Builder:
     """Collects the new initializers and Q/DQ nodes, each made once per tensor."""
 
-    def __init__(self, graph, scheme: str, per_channel: bool, base_dir: str):
+    def __init__(self, graph, scheme: str, per_channel: bool, base_dir: str, codes: Mapping[str, np.ndarray]):
         from onnx import numpy_helper
 
         self.graph, self.scheme, self.per_channel, self.base_dir = graph, scheme, per_channel, base_dir
+        self.codes = codes if per_channel else {}  # weight -> int8 codes rounded elsewhere (gptq.py)
         self.inits = {t.name: t for t in graph.initializer}
         self.to_array, self.from_array = numpy_helper.to_array, numpy_helper.from_array
         self.new_inits: list = []
@@ -96,7 +97,7 @@ class _Builder:
             w = self.to_array(self.inits[t.weight], self.base_dir).astype(np.float32)
             axis = t.axis if self.per_channel else None
             scale = weight_scales(w, axis)
-            q = self._const(quantize_weight(w, scale, axis), f"{t.weight}_quantized")
+            q = self._const(self._codes(t.weight, w, scale, axis), f"{t.weight}_quantized")
             s = self._const(scale, f"{t.weight}_scale")
             z = self._const(np.zeros(scale.shape, np.int8), f"{t.weight}_zero_point")
             dq = f"{t.weight}_dequantized"
@@ -105,6 +106,10 @@ class _Builder:
                                       **attrs)]
             self.made[t.weight] = (dq, nodes)
         return self.made[t.weight][0]
+
+    def _codes(self, name: str, w: np.ndarray, scale: np.ndarray, axis: int | None) -> np.ndarray:
+        given = self.codes.get(name)
+        return given if given is not None and given.shape == w.shape else quantize_weight(w, scale, axis)
 
     def corrected_bias(self, node, t: Target, mean: np.ndarray) -> str | None:
         """A copy of `node`'s bias plus the output shift its rounded weights cause for inputs of
@@ -117,7 +122,7 @@ class _Builder:
         shape = [1] * w.ndim
         if axis is not None:
             shape[axis] = -1
-        error = (w - quantize_weight(w, scale, axis) * scale.reshape(shape)).sum(axis=(2, 3))  # (Cout, Cin/g)
+        error = (w - self._codes(t.weight, w, scale, axis) * scale.reshape(shape)).sum(axis=(2, 3))  # (Cout, Cin/g)
         groups = mean.size // w.shape[1]
         per_group = w.shape[0] // groups
         inputs = mean.reshape(groups, w.shape[1]).astype(np.float64)
@@ -133,11 +138,14 @@ class _Builder:
 
 
 def insert_qdq(model, targets: Sequence[Target], ranges: Mapping[str, Range], *, scheme: str,
-               per_channel: bool = True, base_dir: str = "", means: Mapping[str, np.ndarray] | None = None) -> int:
+               per_channel: bool = True, base_dir: str = "", means: Mapping[str, np.ndarray] | None = None,
+               codes: Mapping[str, np.ndarray] | None = None) -> int:
     """Quantize `targets` of `model` (an onnx ModelProto) in place; returns how many layers got
     Q/DQ. `ranges` maps each target's activation tensor to its Range; weights still held as
     external data are read from `base_dir`. `means` (activation tensor -> per-channel mean (C,)):
-    correct the biases of the convolutions reading those tensors (see the module docstring)."""
+    correct the biases of the convolutions reading those tensors (see the module docstring).
+    `codes` (weight name -> int8 array shaped like it, on the per-channel grid `weight_scales`
+    gives): weights rounded elsewhere (gptq.py) instead of to their nearest level."""
     if scheme not in SCHEMES:
         raise OptionError(f"unknown Q/DQ scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
     if opset(model) < _MIN_OPSET:
@@ -148,7 +156,7 @@ def insert_qdq(model, targets: Sequence[Target], ranges: Mapping[str, Range], *,
     missing = sorted({t.activation for t in targets} - set(ranges))
     if missing:
         raise OptionError(f"no calibration range for {missing[:3]}; the statistics do not match this model")
-    b = _Builder(graph, scheme, per_channel, base_dir)
+    b = _Builder(graph, scheme, per_channel, base_dir, codes or {})
     nodes, replaced = [], set()
     for node in graph.node:
         t = by_node.get(node.name)

@@ -40,7 +40,8 @@ def module_sensitivity(module: str, path: Path, targets: Sequence[Target], range
                        probes: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str], *,
                        per_channel: bool = True, threads: int | None = None,
                        progress: Callable[[str], None] = lambda msg: None,
-                       means: Mapping[str, np.ndarray] | None = None) -> list[LayerError]:
+                       means: Mapping[str, np.ndarray] | None = None,
+                       codes: Mapping[str, np.ndarray] | None = None) -> list[LayerError]:
     """The error of each of `targets` quantized alone, worst first."""
     import onnx
 
@@ -54,7 +55,7 @@ def module_sensitivity(module: str, path: Path, targets: Sequence[Target], range
         model = onnx.ModelProto()
         model.CopyFrom(base)
         insert_qdq(model, [target], ranges, scheme="tensorrt", per_channel=per_channel, base_dir=str(path.parent),
-                   means=means)
+                   means=means, codes=codes)
         got = _outputs(session(model.SerializeToString(), path.parent, threads), probes, outputs)
         err = np.mean([np.linalg.norm(g - r) / (np.linalg.norm(r) + 1e-12) for g, r in zip(got, reference)])
         errors.append(LayerError(module, target.node, float(err)))

@@ -90,3 +90,11 @@ def test_int8_head_quantizes_the_tied_lm_head_of_the_cpu_variant(blip_bundle, im
     assert int8_gather is bool(flag)
     caption = edgerun.load(out).caption(np.full((32, 32, 3), 90, np.uint8), num_beams=2, max_new_tokens=4)
     assert len(caption.token_ids) >= 2
+
+
+def test_auto_prints_its_search(blip_bundle, images, tmp_path):
+    """A --max-drop that the all-INT8 bundle meets: one probe, nothing kept float by --auto."""
+    result = _run(blip_bundle, "--data", images, "-o", tmp_path / "out", "--samples", 4, "--eval-samples", 4,
+                  "--decoder-samples", 2, "--auto", "--max-drop", 1.0)
+    assert result.exit_code == 0, result.output
+    assert "auto: 0 of " in result.stdout and "kept float after 1 probes (0)" in result.stdout

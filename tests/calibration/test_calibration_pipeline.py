@@ -130,23 +130,66 @@ def test_keep_float_and_sensitivity(blip_bundle, photos, tmp_path):
     assert not any("fc2" in e.node for e in report.sensitivity)
 
 
-def test_auto_keeps_the_most_sensitive_layers_float(blip_bundle, photos, tmp_path, monkeypatch):
-    """The held-out metric passes once three layers are float: the three worst of the ranking."""
+def test_auto_keeps_the_fewest_sensitive_layers_float(blip_bundle, photos, tmp_path, monkeypatch):
+    """The held-out metric passes once five layers are float: --auto keeps exactly the five worst of
+    the ranking (doubling 0, 1, 2, 4, 8, then bisecting 6, 5), where growing the float set by
+    doubling alone would have stopped at eight."""
+    from edgerun.calibration import pipeline
+    from edgerun.calibration.accuracy import AccuracyReport, Metric
+
+    seen = []
+
+    def evaluate(job, batches, variants, tags, reference):
+        kept = sum(map(len, job.auto_float.values()))
+        seen.append((kept, {t.node for p in job.plans.values() for t in p.quantized}))
+        return [AccuracyReport("cpu", 8, [Metric("caption", "exact_caption_agreement", 1.0 if kept >= 5 else 0.5)])]
+
+    monkeypatch.setattr(pipeline._Job, "evaluate", evaluate)
+    report = calibrate(blip_bundle, str(photos), tmp_path / "out", CalibrationOptions(auto=True, max_drop=0.1, **FAST))
+    auto = report.quantization["auto"]
+    assert len(report.sensitivity) > 8
+    assert [p["float_layers"] for p in auto["probes"]] == [0, 1, 2, 4, 8, 6, 5]
+    assert [p["passed"] for p in auto["probes"]] == [False] * 4 + [True] * 3
+    assert auto["float_layers"] == 5 and auto["ranked_layers"] == len(report.sensitivity)
+    kept = auto["kept_float"]
+    worst = {(e.module, e.node) for e in report.sensitivity[:5]}
+    assert {(m, n) for m, nodes in kept.items() for n in nodes} == worst
+    for module, nodes in kept.items():
+        assert set(nodes) <= set(report.quantization["modules"][module]["kept_float"])
+    assert all(e.node in seen[0][1] for e in report.sensitivity)  # probe 0: nothing kept by --auto
+    # the bundle written is the 5-layer probe's, not the last file set on disk before it
+    model = edgerun.load(tmp_path / "out")
+    assert model.caption(str(photos / "chelsea.jpg")).text
+
+
+def test_auto_rewrites_the_best_probe_when_a_later_one_failed(blip_bundle, photos, tmp_path, monkeypatch):
+    """Passing from 3 on: probes 0, 1, 2, 4, 3; the last probe passes. Passing from 4 on: probes
+    0, 1, 2, 4, 3 with 3 failing, so the bundle must be rewritten with the 4 worst float."""
     from edgerun.calibration import pipeline
     from edgerun.calibration.accuracy import AccuracyReport, Metric
 
     def evaluate(job, batches, variants, tags, reference):
         kept = sum(map(len, job.auto_float.values()))
-        return [AccuracyReport("cpu", 8, [Metric("caption", "exact_caption_agreement", 1.0 if kept >= 3 else 0.5)])]
+        return [AccuracyReport("cpu", 8, [Metric("caption", "exact_caption_agreement", 1.0 if kept >= 4 else 0.5)])]
 
     monkeypatch.setattr(pipeline._Job, "evaluate", evaluate)
     report = calibrate(blip_bundle, str(photos), tmp_path / "out", CalibrationOptions(auto=True, max_drop=0.1, **FAST))
-    kept = report.quantization["auto"]["kept_float"]
-    worst = {(e.module, e.node) for e in report.sensitivity[:3]}
-    assert {(m, n) for m, nodes in kept.items() for n in nodes} == worst
-    for module, nodes in kept.items():
-        assert set(nodes) <= set(report.quantization["modules"][module]["kept_float"])
-    assert report.quantization["sensitivity"]
+    auto = report.quantization["auto"]
+    assert [(p["float_layers"], p["passed"]) for p in auto["probes"]] == [(0, False), (1, False), (2, False),
+                                                                            (4, True), (3, False)]
+    assert auto["float_layers"] == 4
+    worst = {(e.module, e.node) for e in report.sensitivity[:4]}
+    on_disk = set()
+    model = edgerun.load(tmp_path / "out")
+    for name, spec in model.manifest.modules.items():
+        import onnx
+
+        graph = onnx.load(str(tmp_path / "out" / spec.file), load_external_data=False).graph
+        quantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        for node in graph.node:
+            if node.op_type in ("MatMul", "Gemm", "Conv") and not (set(node.input) & quantized):
+                on_disk.add((name.partition("@")[0], node.name))
+    assert worst <= on_disk
 
 
 def test_auto_that_needs_every_layer_float_fails(blip_bundle, photos, tmp_path, monkeypatch):
@@ -157,7 +200,6 @@ def test_auto_that_needs_every_layer_float_fails(blip_bundle, photos, tmp_path, 
         return [AccuracyReport("cpu", 8, [Metric("caption", "exact_caption_agreement", 1.0 if not variants else 0.5)])]
 
     monkeypatch.setattr(pipeline._Job, "evaluate", evaluate)
-    monkeypatch.setattr(pipeline, "AUTO_ROUNDS", 8)
     with pytest.raises(AccuracyDropError, match="took every linear layer in float"):
         calibrate(blip_bundle, str(photos), tmp_path / "out", CalibrationOptions(auto=True, max_drop=0.1, **FAST))
     assert list(tmp_path.iterdir()) == []
