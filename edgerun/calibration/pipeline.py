@@ -41,6 +41,9 @@ class AccuracyDropError(EdgeRunError):
     """A quantized bundle lost more than `--max-drop` against its float twin; nothing was written."""
 
 
+VARIANTS = ("cpu", "tensorrt")  # the INT8 variants calibrate can write (build.py)
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """What `calibrate` does; checked once here. Overrides go through `dataclasses.replace`."""
@@ -54,6 +57,7 @@ class CalibrationOptions:
     gptq: bool = True  # convolutions' int8 weights rounded against their inputs' error (gptq.py)
     bias_correction: bool = True  # add back the mean output shift rounded conv weights cause (qdq.py)
     int8_head: bool = False  # decoders' onnxruntime variant: the LM head (one tied int8 table) too
+    variants: tuple[str, ...] = VARIANTS  # which INT8 variants to write: cpu (onnxruntime), tensorrt
     keep_float: tuple[str, ...] = ()  # node-name globs or op types, optionally MODULE:PATTERN
     max_drop: float | None = None  # fail when a held-out metric drops more than this (0..1)
     gate: tuple[str, ...] = ()  # metric-name globs max_drop judges; (): the --eval task metrics, else all
@@ -93,6 +97,10 @@ class CalibrationOptions:
         if self.fp16 and (self.auto or self.sensitivity):
             raise OptionError("fp16 writes FP16 GPU variants; auto and sensitivity apply to INT8 only")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        object.__setattr__(self, "variants", tuple(self.variants))
+        if "cpu" not in self.variants or not set(self.variants) <= set(VARIANTS):
+            raise OptionError(f"variants must include cpu (the module the tasks run) and be among "
+                              f"{', '.join(VARIANTS)}; got {', '.join(self.variants) or 'none'}")
         object.__setattr__(self, "gate", tuple(self.gate))
         object.__setattr__(self, "texts", tuple(self.texts))
 
@@ -323,7 +331,8 @@ class _Job:
                 continue
             written = build.write_int8(plan, self.ranges.get(name), self.out_dir, self.options.per_channel,
                                        self.progress, means=self.means.get(name),
-                                       int8_head=self.options.int8_head, codes=self.codes.get(name))
+                                       int8_head=self.options.int8_head, codes=self.codes.get(name),
+                                       tensorrt="tensorrt" in self.options.variants)
             if written:
                 out[name] = written
             elif (note := f"{name} stays float: no calibration statistics reached it") not in self.notes:
@@ -391,7 +400,7 @@ class _Job:
         if not variants:
             raise OptionError("no linear layer is left to quantize (--keep-float names them all, or the calibration "
                               "runs reached none); no bundle was written")
-        if self.options.trt_cache:
+        if self.options.trt_cache and "tensorrt" in self.options.variants:
             self._trt_caches(variants)
         return variants
 
@@ -450,6 +459,7 @@ class _Job:
         if not o.fp16:
             out.update(samples=self.used, samples_requested=o.samples, seed=o.seed, per_channel=o.per_channel,
                        bias_correction=o.bias_correction, gptq=o.gptq, int8_head=o.int8_head,
+                       variants=list(o.variants),
                        decoder_samples=min(self.used, o.decoder_samples),
                        activations={"cpu": "uint8 asymmetric (decoders: dynamic)", build.TRT_TAG: "int8 symmetric"})
             if o.method == "auto":

@@ -98,3 +98,19 @@ def test_auto_prints_its_search(blip_bundle, images, tmp_path):
                   "--decoder-samples", 2, "--auto", "--max-drop", 1.0)
     assert result.exit_code == 0, result.output
     assert "auto: 0 of " in result.stdout and "kept float after 1 probes (0)" in result.stdout
+
+
+def test_variants_cpu_writes_no_tensorrt_files(blip_bundle, images, tmp_path):
+    import json
+
+    result = _run(blip_bundle, "--data", images, "-o", tmp_path / "cpu", "--samples", 4, "--eval-samples", 2,
+                  "--variants", "cpu")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "cpu" / "manifest.json").read_text())
+    assert manifest["quantization"]["variants"] == ["cpu"]
+    assert not [m for m in manifest["modules"] if "@" in m]
+    assert not [f for f in manifest["files"] if "tensorrt" in f or f.endswith(".cache")]
+    assert {m["precision"] for m in manifest["modules"].values()} == {"int8"}
+    bad = _run(blip_bundle, "--data", images, "-o", tmp_path / "trt", "--variants", "tensorrt")
+    assert bad.exit_code != 0 and "variants must include cpu" in str(bad.exception)
+    assert not (tmp_path / "trt").exists()
