@@ -105,3 +105,21 @@ def multi_bundle(tmp_path_factory):
     folder = tmp_path_factory.mktemp("multi")
     ckpt = save_checkpoint(model, folder / "best.pt", tokenizer=tok)
     return export_checkpoint(f"ckpt:{ckpt}", "all", folder / "bundle").path
+
+
+@pytest.fixture(scope="session")
+def blip_int8_bundle(blip_bundle, tmp_path_factory):
+    """The tiny BLIP calibrated to INT8 (onnxruntime and TensorRT variants), once per session."""
+    import cv2
+    import numpy as np
+
+    from edgerun.calibration.pipeline import CalibrationOptions, calibrate
+
+    images = tmp_path_factory.mktemp("int8-images")
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    out = tmp_path_factory.mktemp("int8") / "blip-int8"
+    calibrate(blip_bundle, str(images), out, CalibrationOptions(method="minmax", samples=4, eval_samples=2,
+                                                                decoder_samples=2))
+    return out

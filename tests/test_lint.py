@@ -3,27 +3,8 @@ contrib ops, If nodes, too-new opsets and uncovered dynamic axes are named node 
 import json
 import shutil
 
-import numpy as np
-import pytest
-
 from edgerun.lint import lint_bundle, max_opset
 from edgerun.runtime.trtapi import parse_version
-
-
-@pytest.fixture(scope="module")
-def int8_bundle(blip_bundle, tmp_path_factory):
-    import cv2
-
-    from edgerun.calibration.pipeline import CalibrationOptions, calibrate
-
-    images = tmp_path_factory.mktemp("lint-images")
-    rng = np.random.default_rng(3)
-    for i in range(6):
-        cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
-    out = tmp_path_factory.mktemp("lint-int8") / "blip-int8"
-    calibrate(blip_bundle, str(images), out, CalibrationOptions(method="minmax", samples=4, eval_samples=2,
-                                                                decoder_samples=2))
-    return out
 
 
 def _edit_manifest(src, dst, edit):
@@ -34,22 +15,22 @@ def _edit_manifest(src, dst, edit):
     return dst
 
 
-def test_float_and_tensorrt_int8_bundles_pass(blip_bundle, int8_bundle):
+def test_float_and_tensorrt_int8_bundles_pass(blip_bundle, blip_int8_bundle):
     float_report = lint_bundle(blip_bundle)
     assert float_report.ok and float_report.modules == ["vision", "cross_kv", "decoder"]
     assert float_report.target == "8.5" and "oldest supported" in float_report.target_source
-    report = lint_bundle(int8_bundle, "10.3")
+    report = lint_bundle(blip_int8_bundle, "10.3")
     assert report.ok, [str(p) for p in report.problems]
     assert report.modules == ["vision@tensorrt", "cross_kv@tensorrt", "decoder@tensorrt"]
     assert report.target_source == "--trt-version"
 
 
-def test_an_onnxruntime_only_variant_is_rejected_node_by_node(int8_bundle, tmp_path):
+def test_an_onnxruntime_only_variant_is_rejected_node_by_node(blip_int8_bundle, tmp_path):
     def cpu_variant_for_tensorrt(data):  # the CPU variants (U8S8, dynamic) marked for TensorRT
         for name, spec in data["modules"].items():
             spec["backends"] = ["cpu", "tensorrt"] if "@" not in name else ["ort-trt"]
 
-    path = _edit_manifest(int8_bundle, tmp_path / "bad", cpu_variant_for_tensorrt)
+    path = _edit_manifest(blip_int8_bundle, tmp_path / "bad", cpu_variant_for_tensorrt)
     report = lint_bundle(path)
     assert report.modules == ["vision", "cross_kv", "decoder"] and not report.ok
     text = [str(p) for p in report.problems]

@@ -25,9 +25,9 @@ from ..bundle import Bundle, BundleWriter, open_bundle
 from ..errors import BundleError, EdgeRunError, OptionError, require
 from ..manifest import Manifest
 from . import accuracy, build, taskeval
+from .autosearch import FloatSearch
 from .collect import QUESTIONS, TEXTS, Collector, auto_batch, file_model
 from .nodes import parse_patterns
-from .autosearch import FloatSearch
 from .sensitivity import LayerError, module_sensitivity
 from .sources import FolderSource, open_source
 from .stats import CANDIDATES, METHODS, Range, choose, tensor_range

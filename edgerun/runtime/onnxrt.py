@@ -61,11 +61,12 @@ def shared_pool(threads: int) -> bool:
         if os.environ.get("EDGERUN_ORT_SHARED_POOL", "0") != "1":
             return False
         import onnxruntime.capi._pybind_state as C
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail
 
         try:
             C.set_global_thread_pool_sizes(threads, 1)
             _shared_pool_threads = threads
-        except Exception:  # sessions of this process already run on per-session pools
+        except Fail:  # its global pools exist already, made by someone else in this process
             _shared_pool_threads = 0
     return bool(_shared_pool_threads)
 

@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from trt_fakes import FakeCudart, fake_tensorrt
 
@@ -12,22 +11,6 @@ from edgerun.bundle import open_bundle
 from edgerun.engine.build import BuildOptions, build_engines
 from edgerun.errors import OptionError
 from edgerun.runtime.trt import CudaRuntime
-
-
-@pytest.fixture(scope="module")
-def int8_bundle(blip_bundle, tmp_path_factory):
-    import cv2
-
-    from edgerun.calibration.pipeline import CalibrationOptions, calibrate
-
-    images = tmp_path_factory.mktemp("cal-images")
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        cv2.imwrite(str(images / f"{i}.png"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
-    out = tmp_path_factory.mktemp("int8") / "blip-int8"
-    calibrate(blip_bundle, str(images), out, CalibrationOptions(method="minmax", samples=4, eval_samples=2,
-                                                                decoder_samples=2))
-    return out
 
 
 def _copy(src, tmp_path):
@@ -61,9 +44,9 @@ def test_default_workspace_is_capped_by_device_memory(blip_bundle, tmp_path):
 
 
 @pytest.mark.parametrize("version, flags", [("8.6.1", ["INT8"]), ("10.3.0", ["INT8"]), ("11.0.0", [])])
-def test_int8_bundles_build_from_their_qdq_variants(int8_bundle, tmp_path, version, flags):
+def test_int8_bundles_build_from_their_qdq_variants(blip_int8_bundle, tmp_path, version, flags):
     trt = fake_tensorrt(version)
-    report = build_engines(_copy(int8_bundle, tmp_path), BuildOptions(int8=True, timing_cache=tmp_path / "t"),
+    report = build_engines(_copy(blip_int8_bundle, tmp_path), BuildOptions(int8=True, timing_cache=tmp_path / "t"),
                            trt=trt, cuda=CudaRuntime(FakeCudart()))
     assert {r.source for r in report.results} == {"vision@tensorrt", "cross_kv@tensorrt", "decoder@tensorrt"}
     assert all(b[1] == flags for b in _builds(trt))
@@ -78,9 +61,9 @@ def test_int8_without_a_quantized_bundle_says_how_to_get_one(blip_bundle, tmp_pa
                       cuda=CudaRuntime(FakeCudart()))
 
 
-def test_legacy_int8_uses_the_calibration_cache_before_trt11(blip_bundle, int8_bundle, tmp_path):
+def test_legacy_int8_uses_the_calibration_cache_before_trt11(blip_bundle, blip_int8_bundle, tmp_path):
     trt = fake_tensorrt("8.6.1")
-    options = BuildOptions(int8=True, calibration_from=int8_bundle, modules=("vision",), timing_cache=tmp_path / "t")
+    options = BuildOptions(int8=True, calibration_from=blip_int8_bundle, modules=("vision",), timing_cache=tmp_path / "t")
     build_engines(_copy(blip_bundle, tmp_path), options, trt=trt, cuda=CudaRuntime(FakeCudart()))
     calibrator = _builds(trt)[0][3]
     assert type(calibrator).__mro__[1].__name__ == "IInt8MinMaxCalibrator"  # the cache header's algorithm
