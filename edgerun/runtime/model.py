@@ -127,6 +127,7 @@ class Model:
             for name in todo:
                 self.runner(name)
             return
+        todo.sort(key=self.bundle.module_bytes, reverse=True)  # the longest loads start first
         with ThreadPoolExecutor(min(len(todo), default_threads())) as pool:
             made = dict(zip(todo, pool.map(self._new_runner, todo)))
         self._runners.update(made)
