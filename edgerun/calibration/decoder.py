@@ -73,6 +73,7 @@ class _Rewriter:
         from onnx import numpy_helper
 
         self.graph, self.per_channel = graph, per_channel
+        self.ranks = _ranks(graph)  # of the embedding ids, for the transpose back
         self.inits = {i.name: i for i in graph.initializer}
         self.to_array, self.from_array = numpy_helper.to_array, numpy_helper.from_array
         self.quantized: dict[str, tuple[str, str]] = {}  # activation -> (x_q, x_scale, x_zero)
@@ -118,10 +119,11 @@ class _Rewriter:
 
     def embedding(self, node) -> list:
         """A Gather of rows of a quantized tied weight: columns of its transposed int8 table, rescaled."""
-        from onnx import TensorProto, helper
+        from onnx import TensorProto, helper, numpy_helper
 
         w_q, w_scale = self.weights[node.input[0]]
         ids, out, base = node.input[1], node.output[0], node.name
+        self.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), f"{base}_axis0"))
         return [
             helper.make_node("Gather", [w_q, ids], [f"{base}_cols"], name=f"{base}_int8", axis=1),
             helper.make_node("Cast", [f"{base}_cols"], [f"{base}_cols_float"], name=f"{base}_cast",
@@ -154,12 +156,10 @@ def quantize_dynamic_weights(model, targets: Sequence[Target], *, per_channel: b
     """Rewrite the linear `targets` of `model` (an onnx ModelProto, weights loaded) in place with
     int8 weights and run-time activation quantization; returns how many were rewritten. Targets
     this rewrite cannot express (a Gemm with other attributes, a weight read elsewhere) stay float."""
-    from onnx import helper
 
     graph = model.graph
     chosen = {t.node: t for t in rewritable(graph, targets)}
     rw = _Rewriter(graph, per_channel)
-    rw.ranks = _ranks(graph)
     tied = {t.weight for t in chosen.values() if t.op == "Gemm"}
     nodes = []
     for node in graph.node:
@@ -169,7 +169,6 @@ def quantize_dynamic_weights(model, targets: Sequence[Target], *, per_channel: b
         elif node.op_type == "Gather" and node.input[0] in tied:
             rw.weight(next(c for c in chosen.values() if c.weight == node.input[0]))
             nodes += rw.embedding(node)
-            graph.initializer.append(helper.make_tensor(f"{node.name}_axis0", 7, [1], [0]))
         else:
             nodes.append(node)
     del graph.node[:]
