@@ -188,41 +188,17 @@ class DeviceDecoderInference:
         self.length = 0
 
 
-# -- a one-node Gather graph, serialized by hand (no onnx package at run time) -------------------------
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _int(field: int, n: int) -> bytes:
-    return _varint(field << 3) + _varint(n)
-
-
-def _bytes(field: int, data: bytes | str) -> bytes:
-    data = data.encode() if isinstance(data, str) else data
-    return _varint(field << 3 | 2) + _varint(len(data)) + data
-
-
-def _value_info(name: str, elem: int, dims) -> bytes:
-    """ValueInfoProto{name 1, type 2: TypeProto{tensor_type 1: {elem_type 1, shape 2: {dim 1}}}}."""
-    shape = b"".join(_bytes(1, _bytes(2, d) if isinstance(d, str) else _int(1, d)) for d in dims)
-    return _bytes(1, name) + _bytes(2, _bytes(1, _int(1, elem) + _bytes(2, shape)))
+# -- a one-node Gather graph, written as protobuf bytes (no onnx package at run time) -------------------
 
 
 def gather_model(elem: int, axis: int = 2) -> bytes:
     """ModelProto of out = Gather(data, indices, axis): data (time, layer, row, head, dim)."""
-    attr = _bytes(1, "axis") + _int(3, axis) + _int(20, 2)  # AttributeProto name, i, type INT
-    node = _bytes(1, "data") + _bytes(1, "indices") + _bytes(2, "out") + _bytes(4, "Gather") + _bytes(5, attr)
+    from . import onnxproto as pb
+
     dims = ["time", "layer", "row", "head", "dim"]
-    graph = (_bytes(1, node) + _bytes(2, "gather_rows") + _bytes(11, _value_info("data", elem, dims))
-             + _bytes(11, _value_info("indices", 7, ["row"])) + _bytes(12, _value_info("out", elem, dims)))
-    return _int(1, 8) + _bytes(8, _int(2, 13)) + _bytes(7, graph)  # ir_version 8, opset 13
+    gather = pb.node("Gather", ["data", "indices"], ["out"], pb.int_attribute("axis", axis))
+    return pb.model("gather_rows", [gather], [pb.value_info("data", elem, dims), pb.value_info("indices", 7, ["row"])],
+                    [pb.value_info("out", elem, dims)], opset=13)
 
 
 @functools.lru_cache(maxsize=8)
@@ -236,15 +212,10 @@ def _gather_session(device: str, dtype: str, providers: tuple):
 
 
 def plain_session(model, providers):
-    """A small helper session; on the process-wide thread pool where one exists (edgerun.runtime.onnxrt)."""
+    """A small helper session with the runtime's session options (edgerun.runtime.onnxrt), on the
+    process-wide thread pool where one exists."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(model, options, providers=providers)
-    except RuntimeError as exc:
-        if "global thread pool" not in str(exc):
-            raise
-        options.use_per_session_threads = False
-        return ort.InferenceSession(model, options, providers=providers)
+    from .onnxrt import session_options
+
+    return ort.InferenceSession(model, session_options(1), providers=providers)

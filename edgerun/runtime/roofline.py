@@ -89,67 +89,31 @@ def stage_roofline(work: dict, seconds: float, peaks: Peaks) -> StageRoofline | 
     return None
 
 
-# --- ONNX test graphs, as protobuf bytes (field numbers from onnx/onnx.proto) ----------------------------
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _message(number: int, payload: bytes | str) -> bytes:
-    data = payload.encode() if isinstance(payload, str) else payload
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def _int(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value)
-
-
-def _float_input(name: str, shape: tuple[int, ...]) -> bytes:
-    """ValueInfoProto of a float32 tensor with fixed dims."""
-    dims = b"".join(_message(1, _int(1, d)) for d in shape)
-    return _message(1, name) + _message(2, _message(1, _int(1, 1) + _message(2, dims)))
-
-
-def _node(op: str, inputs: list[str], outputs: list[str]) -> bytes:
-    ins = b"".join(_message(1, name) for name in inputs)
-    return ins + b"".join(_message(2, name) for name in outputs) + _message(4, op)
-
-
-def _tensor(name: str, array: np.ndarray, data_type: int) -> bytes:
-    return b"".join(_int(1, d) for d in array.shape) + _int(2, data_type) + _message(8, name) + \
-        _message(9, array.tobytes())
-
-
-def _model(nodes: list[bytes], inputs: list[bytes], outputs: list[bytes], initializers: list[bytes] = ()
-           ) -> bytes:
-    graph = (b"".join(_message(1, n) for n in nodes) + _message(2, "edgerun_roofline")
-             + b"".join(_message(5, t) for t in initializers)
-             + b"".join(_message(11, i) for i in inputs) + b"".join(_message(12, o) for o in outputs))
-    return _int(1, 8) + _message(8, _message(1, "") + _int(2, 17)) + _message(7, graph)
+# --- ONNX test graphs (edgerun.runtime.onnxproto) -----------------------------------------------------
 
 
 def matmul_model(n: int) -> bytes:
     """Y = A @ B, all (n, n) float32 inputs."""
-    inputs = [_float_input("a", (n, n)), _float_input("b", (n, n))]
-    return _model([_node("MatMul", ["a", "b"], ["y"])], inputs, [_float_input("y", (n, n))])
+    from . import onnxproto as pb
+
+    inputs = [pb.value_info("a", 1, (n, n)), pb.value_info("b", 1, (n, n))]
+    return pb.model("edgerun_roofline", [pb.node("MatMul", ["a", "b"], ["y"])], inputs,
+                    [pb.value_info("y", 1, (n, n))])
 
 
 def gemv_chain_model(k: int, layers: int) -> bytes:
     """x (1, k) through `layers` MatMuls with distinct constant (k, k) weights. Each weight is an Expand
     of a scalar, which onnxruntime folds into an initializer at load, so the file stays tiny; the
     scalar 2**-12 (times 1 + a small per-layer offset) keeps the activations near 1."""
-    inits, nodes = [_tensor("shape", np.array([k, k], np.int64), 7)], []
+    from . import onnxproto as pb
+
+    inits, nodes = [pb.tensor("shape", np.array([k, k], np.int64), 7)], []
     for i in range(layers):
-        inits.append(_tensor(f"s{i}", np.array([[2.0 ** -12 * (1 + i / 1024)]], np.float32), 1))
-        nodes.append(_node("Expand", [f"s{i}", "shape"], [f"w{i}"]))
-        nodes.append(_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}"]))
-    return _model(nodes, [_float_input("x", (1, k))], [_float_input(f"h{layers - 1}", (1, k))], inits)
+        inits.append(pb.tensor(f"s{i}", np.array([[2.0 ** -12 * (1 + i / 1024)]], np.float32), 1))
+        nodes.append(pb.node("Expand", [f"s{i}", "shape"], [f"w{i}"]))
+        nodes.append(pb.node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}"]))
+    return pb.model("edgerun_roofline", nodes, [pb.value_info("x", 1, (1, k))],
+                    [pb.value_info(f"h{layers - 1}", 1, (1, k))], inits)
 
 
 # --- measuring the peaks -----------------------------------------------------------------------------------
