@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..models.families.layers import beam_context, beam_queries
 from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
@@ -76,7 +77,7 @@ class BlipDecoderGraph(nn.Module):
         n_layers = len(self.layers)
         hidden_mask = None
         if self.with_cross_mask:
-            hidden_mask = (cross[0] == 0)[:, None, None, :]  # (B, 1, 1, N): padding never attended
+            hidden_mask = (cross[0] == 0)[:, None, None, None, :]  # (B, 1, 1, 1, N): padding never attended
             cross = cross[1:]
         t = input_ids.shape[1]
         past = past_key.shape[0]
@@ -112,17 +113,15 @@ class BlipDecoderGraph(nn.Module):
         return attention.output(ctx, x), k, v
 
     def _cross_attention(self, attention, x, cross_k, cross_v, hidden_mask=None):
-        rows, t, _ = x.shape
-        batch = cross_k.shape[0]
-        # (R, T, D) -> (B, H, beams * T, hd): the beams of one image share its K/V.
-        q = attention.self.query(x).view(batch, -1, t, self.n_heads, self.head_dim)
-        q = q.permute(0, 3, 1, 2, 4).reshape(batch, self.n_heads, -1, self.head_dim)
-        scores = torch.matmul(q, cross_k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        rows, batch = x.shape[0], cross_k.shape[0]
+        # (R, T, D) -> (B, H, beams, T, hd) against K/V (B, H, 1, N, hd): the beams of one image
+        # share its K/V (see beam_queries).
+        q = beam_queries(attention.self.query(x), batch, self.n_heads)
+        scores = torch.matmul(q, cross_k.unsqueeze(2).transpose(-1, -2)) / math.sqrt(self.head_dim)
         if hidden_mask is not None:
             scores = scores.masked_fill(hidden_mask, float("-inf"))
-        ctx = torch.matmul(scores.softmax(dim=-1), cross_v)
-        ctx = ctx.view(batch, self.n_heads, -1, t, self.head_dim).permute(0, 2, 3, 1, 4)
-        return attention.output(ctx.reshape(rows, t, -1), x)
+        ctx = torch.matmul(scores.softmax(dim=-1), cross_v.unsqueeze(2))
+        return attention.output(beam_context(ctx, rows), x)
 
 
 class BlipCaptionExporter(EncoderDecoderExporter):

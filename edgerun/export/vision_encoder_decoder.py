@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..models.families.layers import beam_context, beam_queries
 from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
@@ -111,15 +112,12 @@ class Gpt2DecoderGraph(nn.Module):
 
     def _cross_attention(self, attn, x, cross_k, cross_v):
         """x (R, T, D) after ln_cross_attn; the beams of one image share its cross_k/cross_v (B, H, N, hd)."""
-        rows, t, _ = x.shape
-        batch, _, _, head_dim = cross_k.shape
-        # (R, T, D) -> (B, H, beams * T, hd)
-        q = attn.q_attn(x).view(batch, -1, t, self.n_heads, head_dim)
-        q = q.permute(0, 3, 1, 2, 4).reshape(batch, self.n_heads, -1, head_dim)
-        scores = torch.matmul(q, cross_k.transpose(-1, -2)) * attn.scaling
-        ctx = torch.matmul(scores.softmax(dim=-1), cross_v)
-        ctx = ctx.view(batch, self.n_heads, -1, t, head_dim).permute(0, 2, 3, 1, 4)
-        return attn.c_proj(ctx.reshape(rows, t, -1))
+        rows = x.shape[0]
+        # (R, T, D) -> (B, H, beams, T, hd) against K/V (B, H, 1, N, hd)
+        q = beam_queries(attn.q_attn(x), cross_k.shape[0], self.n_heads)
+        scores = torch.matmul(q, cross_k.unsqueeze(2).transpose(-1, -2)) * attn.scaling
+        ctx = torch.matmul(scores.softmax(dim=-1), cross_v.unsqueeze(2))
+        return attn.c_proj(beam_context(ctx, rows))
 
 
 def _check_layout(model) -> None:

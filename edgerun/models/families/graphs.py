@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import attend, merge_heads, split_heads
+from .layers import attend, beam_context, beam_queries, merge_heads, split_heads
 
 
 class VisionGraph(nn.Module):
@@ -92,14 +92,12 @@ class DecoderStepGraph(nn.Module):
         return logits, new_key.permute(3, 0, 1, 2, 4), new_value.permute(3, 0, 1, 2, 4)
 
     def _cross(self, attn, x, cross_k, cross_v, allowed):
-        rows, t, _ = x.shape
-        batch, hd = cross_k.shape[0], cross_k.shape[-1]
-        # (R, T, D) -> (B, H, beams * T, hd): the beams of one image share its K/V.
-        q = attn.query(x).view(batch, -1, t, self.heads, hd).permute(0, 3, 1, 2, 4)
-        q = q.reshape(batch, self.heads, -1, hd)
-        ctx = attend(q, cross_k, cross_v, allowed)
-        ctx = ctx.view(batch, self.heads, -1, t, hd).permute(0, 2, 3, 1, 4)
-        return attn.out(ctx.reshape(rows, t, -1))
+        rows = x.shape[0]
+        # (R, T, D) -> (B, H, beams, T, hd): the beams of one image share its K/V (B, H, 1, M, hd).
+        q = beam_queries(attn.query(x), cross_k.shape[0], self.heads)
+        allowed = None if allowed is None else allowed.unsqueeze(2)
+        ctx = attend(q, cross_k.unsqueeze(2), cross_v.unsqueeze(2), allowed)
+        return attn.out(beam_context(ctx, rows))
 
 
 class QuestionGraph(nn.Module):
