@@ -31,6 +31,9 @@ import click
               help="add back the mean output shift that rounding a convolution's weights causes")
 @click.option("--int8-head", is_flag=True, help="decoders' onnxruntime variant: quantize the LM head too (the tied "
               "embedding stays one int8 table); the held-out comparison tells what it cost")
+@click.option("--decoder-int8", type=click.Choice(["auto", "blockwise", "dynamic"]), default="auto", show_default=True,
+              help="decoders' onnxruntime variant: blockwise (MatMulNBits, 8-bit weights in blocks of 128; "
+                   "onnxruntime >= 1.23) or dynamic (standard ops); auto: blockwise where this onnxruntime runs it")
 @click.option("--variants", default="cpu,tensorrt", show_default=True,
               help="INT8 variants to write: cpu (onnxruntime) and tensorrt (symmetric Q/DQ); 'cpu' alone "
                    "makes a bundle for onnxruntime only, about a third smaller")
@@ -61,7 +64,7 @@ import click
 @click.option("--threads", type=int, help="onnxruntime threads (default: every core)")
 @click.option("--overwrite", is_flag=True, help="replace an existing bundle at OUTPUT")
 def calibrate(bundle, data, output, method, percentile, samples, augment, seed, per_channel, gptq, bias_correction,
-              int8_head, variants, keep_float, max_drop, gate, auto, fp16, sensitivity, eval_data, eval_samples, eval_beams,
+              int8_head, decoder_int8, variants, keep_float, max_drop, gate, auto, fp16, sensitivity, eval_data, eval_samples, eval_beams,
               decoder_samples, batch_size, every, texts, threads, overwrite):
     """Quantize the float BUNDLE with calibration images from --data into the bundle OUTPUT."""
     from .calibration import accuracy
@@ -71,7 +74,7 @@ def calibrate(bundle, data, output, method, percentile, samples, augment, seed, 
 
     options = CalibrationOptions(
         method=method, percentile=percentile, samples=samples, augment=augment, seed=seed, per_channel=per_channel, gptq=gptq, bias_correction=bias_correction,
-        int8_head=int8_head, variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+        int8_head=int8_head, decoder_int8=decoder_int8, variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         keep_float=keep_float, max_drop=max_drop, gate=gate, auto=auto, fp16=fp16, sensitivity=sensitivity,
         eval_data=eval_data, eval_samples=eval_samples, eval_beams=eval_beams, decoder_samples=decoder_samples,
         batch_size=batch_size, every=every, texts=_texts(texts), threads=threads, overwrite=overwrite)

@@ -2,7 +2,7 @@
 
 Every quantized module gets two variants, each naming the backends it is for:
 - `NAME` (the module the tasks name): the onnxruntime CPU variant, backends ["cpu", "cuda"]:
-  U8S8 Q/DQ on the linear layers for encoders, dynamic INT8 weights for decoders;
+  U8S8 Q/DQ on the linear layers for encoders, block-wise (or dynamic) INT8 weights for decoders;
 - `NAME@tensorrt`: symmetric S8 Q/DQ with standard ops only, backends ["tensorrt", "ort-trt"].
 `--fp16` instead adds `NAME@fp16` (backends ["cuda", "tensorrt", "ort-trt"]) beside the float
 module, which keeps the CPU. `edgerun.runtime.variants.select_module` picks one per backend.
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..manifest import ModuleSpec
+from .blockwise import MIN_ONNXRUNTIME
 from .nodes import HEAD_REASON, Target, find_targets, float_nodes, name_nodes
 from .shared import share_weights
 from .stats import Range
@@ -22,6 +23,8 @@ CPU_BACKENDS = ("cpu", "cuda")
 TRT_BACKENDS = ("tensorrt", "ort-trt")
 TRT_TAG = "tensorrt"
 FP16_TAG = "fp16"
+# what a variant's file needs beyond the runtime's own minimum (checked when a session is made)
+REQUIRES = {"blockwise-int8": {"onnxruntime": MIN_ONNXRUNTIME}}
 
 
 @dataclass
@@ -55,7 +58,7 @@ class Variant:
     base: str
     file: str  # bundle-relative
     backends: tuple[str, ...]
-    scheme: str  # "u8s8-qdq", "s8s8-qdq", "dynamic-int8" or "fp16"
+    scheme: str  # "u8s8-qdq", "s8s8-qdq", "blockwise-int8", "dynamic-int8" or "fp16"
     precision: str
     layers: int  # layers quantized (fp16: nodes kept in float32)
 
@@ -114,29 +117,33 @@ def head_targets(plan: ModulePlan) -> list[Target]:
     return [t for t in plan.targets if plan.kept.get(t.node) == HEAD_REASON]
 
 
-def write_dynamic(plan: ModulePlan, dst: Path, per_channel: bool, head: bool = False) -> int:
-    """The decoder's onnxruntime variant; `head`: its LM head INT8 as well (decoder.py)."""
-    from .decoder import write_dynamic as write
+def write_decoder(plan: ModulePlan, dst: Path, per_channel: bool, head: bool = False,
+                  scheme: str = "blockwise") -> int:
+    """The decoder's onnxruntime variant (decoder.py, blockwise.py); `head`: its LM head INT8 too."""
+    from .decoder import write_decoder as write
 
-    return write(plan.path, dst, plan.quantized + (head_targets(plan) if head else []), per_channel=per_channel)
+    return write(plan.path, dst, plan.quantized + (head_targets(plan) if head else []), scheme=scheme,
+                 per_channel=per_channel)
 
 
 def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Path, per_channel: bool,
                progress: Callable[[str], None] = lambda msg: None, means: Mapping | None = None,
-               int8_head: bool = False, codes: Mapping | None = None, tensorrt: bool = True) -> list[Variant]:
+               int8_head: bool = False, codes: Mapping | None = None, tensorrt: bool = True,
+               decoder_scheme: str = "blockwise") -> list[Variant]:
     """The CPU and TensorRT variants of one module, written into `out_dir`. A decoder without
     statistics (calibrated on no samples) gets no TensorRT variant; another module without them
     (one the calibration runs never reach) none at all: it stays float. `int8_head`: a decoder's
-    onnxruntime variant quantizes its LM head too. `tensorrt=False`: no TensorRT variant (a bundle
-    for onnxruntime alone, a third smaller)."""
+    onnxruntime variant quantizes its LM head too; `decoder_scheme`: its weights block-wise
+    (MatMulNBits) or dynamic (MatMulInteger). `tensorrt=False`: no TensorRT variant (a bundle for
+    onnxruntime alone, a third smaller)."""
     variants = []
     if not plan.decoder and not ranges:
         progress(f"{plan.name}: stays float (the calibration runs did not reach it)")
         return variants
     cpu_file = f"{plan.name}.int8.onnx"
     if plan.decoder:
-        n = write_dynamic(plan, out_dir / cpu_file, per_channel, head=int8_head)
-        variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "dynamic-int8", "int8", n))
+        n = write_decoder(plan, out_dir / cpu_file, per_channel, head=int8_head, scheme=decoder_scheme)
+        variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, f"{decoder_scheme}-int8", "int8", n))
     else:
         n = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel, means, codes)
         variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "u8s8-qdq", "int8", n))
@@ -170,6 +177,8 @@ def module_specs(modules: Mapping[str, ModuleSpec], variants: Mapping[str, list[
             extra = dict(spec.extra)
             if v.module != name:
                 extra["variant_of"] = name
+            if v.scheme in REQUIRES:
+                extra["requires"] = dict(REQUIRES[v.scheme])
             out[v.module] = replace(spec, file=v.file, external_data=(), precision=v.precision,
                                     backends=v.backends, extra=extra)
     return out

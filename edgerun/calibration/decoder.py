@@ -180,18 +180,33 @@ def quantize_dynamic_weights(model, targets: Sequence[Target], *, per_channel: b
     return len(chosen)
 
 
-def write_dynamic(src: Path, dst: Path, targets: Sequence[Target], *, per_channel: bool = True) -> int:
-    """Write the decoder `src` with dynamic INT8 linear layers to `dst` (weights in `dst`.data)."""
+DECODER_SCHEMES = ("blockwise", "dynamic")  # blockwise.py: MatMulNBits; this module: MatMulInteger
+
+
+def write_decoder(src: Path, dst: Path, targets: Sequence[Target], *, scheme: str = "blockwise",
+                  per_channel: bool = True) -> int:
+    """Write the decoder `src` with INT8 linear layers to `dst` (weights in `dst`.data): `blockwise`
+    (MatMulNBits, onnxruntime >= 1.23) or `dynamic` (standard ops, per-channel when `per_channel`)."""
     import onnx
 
     from .nodes import name_nodes
 
     model = onnx.load(str(src))
     name_nodes(model.graph)
-    count = quantize_dynamic_weights(model, targets, per_channel=per_channel)
+    if scheme == "blockwise":
+        from .blockwise import quantize_blockwise_weights
+
+        count = quantize_blockwise_weights(model, targets)
+    else:
+        count = quantize_dynamic_weights(model, targets, per_channel=per_channel)
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=dst.name + ".data", size_threshold=1024)
     data = dst.with_name(dst.name + ".data")
     if data.exists():
         data.chmod(0o644)  # onnx writes 0600; a service account must read the bundle
     return count
+
+
+def write_dynamic(src: Path, dst: Path, targets: Sequence[Target], *, per_channel: bool = True) -> int:
+    """`write_decoder` with the standard-op dynamic scheme."""
+    return write_decoder(src, dst, targets, scheme="dynamic", per_channel=per_channel)

@@ -26,7 +26,9 @@ from ..errors import BundleError, EdgeRunError, OptionError, require
 from ..manifest import Manifest
 from . import accuracy, build, taskeval
 from .autosearch import FloatSearch
+from .blockwise import decoder_scheme
 from .collect import QUESTIONS, TEXTS, Collector, auto_batch, file_model
+from .decoder import DECODER_SCHEMES
 from .nodes import parse_patterns
 from .sensitivity import LayerError, module_sensitivity
 from .sources import FolderSource, open_source
@@ -57,6 +59,8 @@ class CalibrationOptions:
     gptq: bool = True  # convolutions' int8 weights rounded against their inputs' error (gptq.py)
     bias_correction: bool = True  # add back the mean output shift rounded conv weights cause (qdq.py)
     int8_head: bool = False  # decoders' onnxruntime variant: the LM head (one tied int8 table) too
+    decoder_int8: str = "auto"  # decoders' onnxruntime variant: blockwise (MatMulNBits), dynamic; auto: blockwise
+    # where the installed onnxruntime runs it (>= 1.23), else dynamic
     variants: tuple[str, ...] = VARIANTS  # which INT8 variants to write: cpu (onnxruntime), tensorrt
     keep_float: tuple[str, ...] = ()  # node-name globs or op types, optionally MODULE:PATTERN
     max_drop: float | None = None  # fail when a held-out metric drops more than this (0..1)
@@ -87,6 +91,9 @@ class CalibrationOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise OptionError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.decoder_int8 not in ("auto", *DECODER_SCHEMES):
+            raise OptionError(f"unknown decoder INT8 scheme {self.decoder_int8!r}; valid: auto, "
+                              f"{', '.join(DECODER_SCHEMES)}")
         if self.decoder_samples < 0:
             raise OptionError(f"decoder_samples must be >= 0, got {self.decoder_samples}")
         if self.max_drop is not None and not 0.0 <= self.max_drop <= 1.0:
@@ -332,7 +339,8 @@ class _Job:
             written = build.write_int8(plan, self.ranges.get(name), self.out_dir, self.options.per_channel,
                                        self.progress, means=self.means.get(name),
                                        int8_head=self.options.int8_head, codes=self.codes.get(name),
-                                       tensorrt="tensorrt" in self.options.variants)
+                                       tensorrt="tensorrt" in self.options.variants,
+                                       decoder_scheme=decoder_scheme(self.options.decoder_int8))
             if written:
                 out[name] = written
             elif (note := f"{name} stays float: no calibration statistics reached it") not in self.notes:
@@ -459,9 +467,11 @@ class _Job:
         if not o.fp16:
             out.update(samples=self.used, samples_requested=o.samples, seed=o.seed, per_channel=o.per_channel,
                        bias_correction=o.bias_correction, gptq=o.gptq, int8_head=o.int8_head,
+                       decoder_int8=decoder_scheme(o.decoder_int8),
                        variants=list(o.variants),
                        decoder_samples=min(self.used, o.decoder_samples),
-                       activations={"cpu": "uint8 asymmetric (decoders: dynamic)", build.TRT_TAG: "int8 symmetric"})
+                       activations={"cpu": "uint8 asymmetric (decoders: int8 quantized at run time)",
+                                    build.TRT_TAG: "int8 symmetric"})
             if o.method == "auto":
                 out["auto_method"] = {"candidates": list(CANDIDATES), "criterion": "least int8 quantization MSE"}
             if o.method in ("auto", "percentile"):

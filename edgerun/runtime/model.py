@@ -27,7 +27,7 @@ from .onnxrt import OnnxRuntimeRunner
 from .preprocess import PreprocessConfig, preprocess
 from .state import ImageState, check_state, encode_pixels, encoder_module, run_modules, task_chain
 from .tokenizer import Tokenizer
-from .variants import select_module
+from .variants import check_requirements, select_module
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,7 @@ class Model:
 
             return engine_runner(self.bundle, module)
         name, spec = select_module(self.manifest, module, self.backend)
+        check_requirements(name, spec)
         if self.backend == "cpu":
             return OnnxRuntimeRunner(self.bundle.file(spec.file), backend="cpu", threads=self.threads)
         from .iobinding import IOBindingRunner, ort_trt_options

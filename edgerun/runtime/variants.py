@@ -32,3 +32,27 @@ def select_module(manifest: Manifest, name: str, backend: str) -> tuple[str, Mod
         if backend in spec.backends:
             return variant, spec
     return name, base
+
+
+def check_requirements(name: str, spec: ModuleSpec, installed: dict[str, str] | None = None) -> None:
+    """Refuse a module whose file needs a newer library than this machine has (`requires` in its
+    manifest entry, e.g. {"onnxruntime": "1.23"} for block-wise INT8 decoders), naming the fix."""
+    from packaging.version import Version
+
+    for package, minimum in (spec.extra.get("requires") or {}).items():
+        have = (installed or {}).get(package) or _version(package)
+        if have is None or Version(have).release < Version(str(minimum)).release:
+            raise BundleError(
+                f"module {name!r} ({spec.file}) needs {package} >= {minimum}; this machine has "
+                f"{have or 'none'}: pip install -U '{package}>={minimum}', or calibrate the bundle again "
+                f"with --decoder-int8 dynamic (standard ops)")
+
+
+def _version(package: str) -> str | None:
+    """The version of the importable module `package` (onnxruntime-gpu installs `onnxruntime` too)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(package), "__version__", None)
+    except ImportError:
+        return None

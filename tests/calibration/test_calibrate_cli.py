@@ -65,8 +65,9 @@ def test_gate_names_the_metrics_max_drop_judges(blip_bundle, images, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag", [[], ["--int8-head"]])
-def test_int8_head_quantizes_the_tied_lm_head_of_the_cpu_variant(blip_bundle, images, tmp_path, flag):
+@pytest.mark.parametrize("flag,scheme", [([], "blockwise"), (["--int8-head"], "blockwise"),
+                                         (["--int8-head", "--decoder-int8", "dynamic"], "dynamic")])
+def test_int8_head_quantizes_the_tied_lm_head_of_the_cpu_variant(blip_bundle, images, tmp_path, flag, scheme):
     import json
 
     import onnx
@@ -78,16 +79,24 @@ def test_int8_head_quantizes_the_tied_lm_head_of_the_cpu_variant(blip_bundle, im
                                             "--samples", "4", "--eval-samples", "2", *flag])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["quantization"]["int8_head"] is bool(flag)
-    cpu = onnx.load(str(out / manifest["modules"]["decoder"]["file"]), load_external_data=False).graph
+    head_flag = "--int8-head" in flag
+    assert manifest["quantization"]["int8_head"] is head_flag
+    assert manifest["quantization"]["decoder_int8"] == scheme
+    entry = manifest["modules"]["decoder"]
+    assert entry["extra"].get("requires") == ({"onnxruntime": "1.23"} if scheme == "blockwise" else None)
+    cpu = onnx.load(str(out / entry["file"]), load_external_data=False).graph
     source = onnx.load(str(blip_bundle / "decoder.onnx"), load_external_data=False).graph
     gathered = {n.input[0] for n in source.node if n.op_type == "Gather"}
     head = next(n.input[1] for n in source.node if n.op_type == "Gemm" and n.input[1] in gathered)  # tied table
     tables = {i.name: i.data_type for i in cpu.initializer}
-    assert (head in tables) is not bool(flag)  # float, or gone in favour of one int8 copy
-    assert (tables.get(f"{head}_quantized") == onnx.TensorProto.INT8) is bool(flag)
-    int8_gather = any(n.op_type == "Gather" and n.input[0].endswith("_quantized") for n in cpu.node)
-    assert int8_gather is bool(flag)
+    assert (head in tables) is not head_flag  # float, or gone in favour of one int8 copy
+    table, dtype, gather, matmul = ((f"{head}_q8", onnx.TensorProto.UINT8, "GatherBlockQuantized", "MatMulNBits")
+                                    if scheme == "blockwise" else
+                                    (f"{head}_quantized", onnx.TensorProto.INT8, "Gather", "MatMulInteger"))
+    assert (tables.get(table) == dtype) is head_flag
+    readers = {n.op_type for n in cpu.node if table in n.input}
+    assert readers == ({gather, matmul} if head_flag else set())  # the head and the embedding: one table
+    assert any(n.op_type == matmul for n in cpu.node)  # the other layers, whatever the head does
     caption = edgerun.load(out).caption(np.full((32, 32, 3), 90, np.uint8), num_beams=2, max_new_tokens=4)
     assert len(caption.token_ids) >= 2
 

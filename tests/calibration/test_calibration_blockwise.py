@@ -1,0 +1,142 @@
+"""The decoders' block-wise INT8 CPU variant: MatMulNBits layers, one uint8 table for a tied head."""
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from edgerun.calibration.blockwise import (
+    block_size,
+    decoder_scheme,
+    dequantize_blocks,
+    quantize_blocks,
+    quantize_blockwise_weights,
+    supported,
+)
+
+pytestmark = pytest.mark.skipif(not supported(), reason="block-wise INT8 needs onnxruntime >= 1.23")
+
+
+def test_blocks_round_to_half_a_step_and_pad_what_does_not_divide():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 40)).astype(np.float32)
+    w[1, :16] = 0.0  # a zero block: scale 1, values 0
+    w[2, 3] = 50.0  # an outlier only widens its own block's step
+    block = block_size(40)
+    assert block == 16 and block_size(768) == 128 and block_size(96) == 32
+    q, scales = quantize_blocks(w, block)
+    assert q.dtype == np.uint8 and q.shape == (5, 3, 16) and scales.shape == (5, 3)
+    assert scales[1, 0] == 1.0 and np.all(q[1, 0] == 128)
+    back = dequantize_blocks(q, scales, 40)
+    step = np.repeat(scales, 16, axis=1)[:, :40]
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+    assert np.abs(back[2, 16:] - w[2, 16:]).max() < 0.02  # the outlier's block is the first one
+    assert q.min() >= 1  # symmetric: -127..127 around 128
+
+
+def _tied_graph(vocab=50, hidden=40, out=24):
+    """ids -> embedding Gather (tied) -> MatMul (hidden x out) -> MatMul (out x hidden) -> head Gemm."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((vocab, hidden)).astype(np.float32)
+    w1 = (rng.standard_normal((hidden, out)) * 0.2).astype(np.float32)
+    w2 = (rng.standard_normal((out, hidden)) * 0.2).astype(np.float32)
+    bias = rng.standard_normal(vocab).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["x"], name="embed"),
+             helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+             helper.make_node("MatMul", ["h", "w2"], ["h2"], name="fc2"),
+             helper.make_node("Reshape", ["h2", "flat"], ["h3"], name="flatten"),
+             helper.make_node("Gemm", ["h3", "emb", "bias"], ["logits"], name="head", transB=1)]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "t"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for a, n in ((emb, "emb"), (w1, "w1"), (w2, "w2"), (bias, "bias"),
+                                                   (np.array([-1, hidden], np.int64), "flat"))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), emb
+
+
+def _session(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_the_tied_table_is_one_uint8_copy_the_gather_and_the_head_both_read():
+    from edgerun.calibration.nodes import find_targets
+
+    model, emb = _tied_graph()
+    ids = np.array([[3, 7, 49], [0, 1, 2]], np.int64)
+    ref_logits, ref_x = _session(model).run(None, {"ids": ids})
+    n = quantize_blockwise_weights(model, find_targets(model.graph))
+    assert n == 3
+    names = [i.name for i in model.graph.initializer]
+    assert "emb" not in names and names.count("emb_q8") == 1
+    readers = sorted(nd.op_type for nd in model.graph.node if "emb_q8" in nd.input)
+    assert readers == ["GatherBlockQuantized", "MatMulNBits"]
+    logits, x = _session(model).run(None, {"ids": ids})
+    q = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "emb_q8"))
+    s = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "emb_q8_scales"))
+    table = dequantize_blocks(q, s, emb.shape[1])
+    np.testing.assert_array_equal(x, table[ids])  # rows gathered and unpadded exactly (40 = 16 + 16 + 8)
+    assert np.abs(x - ref_x).max() < np.abs(emb).max() / 127
+    assert logits.shape == ref_logits.shape
+    assert np.corrcoef(logits.ravel(), ref_logits.ravel())[0, 1] > 0.999
+    assert (logits.argmax(1) == ref_logits.argmax(1)).mean() >= 0.9
+
+
+def test_a_decoder_rewritten_blockwise_follows_the_float_one(blip_bundle, tmp_path):
+    import json
+
+    from edgerun.calibration.decoder import write_decoder
+    from edgerun.calibration.nodes import find_targets, name_nodes
+
+    spec = json.loads((blip_bundle / "manifest.json").read_text())["modules"]["decoder"]
+    path = blip_bundle / spec["file"]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    name_nodes(graph)
+    targets = find_targets(graph)
+    assert write_decoder(path, tmp_path / "d.onnx", targets, scheme="blockwise") == len(targets)
+    rewritten = onnx.load(str(tmp_path / "d.onnx"), load_external_data=False)
+    ops = [nd.op_type for nd in rewritten.graph.node]
+    assert ops.count("MatMulNBits") == len(targets) and "MatMulInteger" not in ops
+    assert any(o.domain == "com.microsoft" for o in rewritten.opset_import)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for inp in spec["inputs"]:
+        dims = [d if isinstance(d, int) else {"rows": 3, "new": 1, "past": 4, "batch": 1}.get(d, 5)
+                for d in inp["shape"]]
+        feeds[inp["name"]] = (rng.integers(5, 90, dims).astype(np.int64) if inp["dtype"] == "int64"
+                              else rng.standard_normal(dims).astype(np.float32))
+    run = lambda p, f: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["logits"], f)[0]
+    ref, got = run(path, feeds), run(tmp_path / "d.onnx", feeds)
+    cos = np.sum(ref * got, 1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.99
+    other = dict(feeds, input_ids=feeds["input_ids"][::-1].copy())
+    assert not np.allclose(run(tmp_path / "d.onnx", other), got)  # the int8 embedding follows the ids
+
+
+def test_auto_picks_blockwise_only_where_onnxruntime_runs_it(monkeypatch):
+    import onnxruntime
+
+    assert supported("1.23.0") and supported("1.32.1") and not supported("1.22.1") and not supported("1.16.3")
+    assert decoder_scheme("dynamic") == "dynamic"
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.0")
+    assert decoder_scheme("auto") == "dynamic"
+    monkeypatch.setattr(onnxruntime, "__version__", "1.23.2")
+    assert decoder_scheme("auto") == "blockwise"
+
+
+def test_a_module_needing_a_newer_onnxruntime_is_refused_with_the_fix():
+    from edgerun.errors import BundleError
+    from edgerun.manifest import ModuleSpec, TensorSpec
+    from edgerun.runtime.variants import check_requirements
+
+    spec = ModuleSpec(file="decoder.int8.onnx", inputs=(TensorSpec("input_ids", "int64", ("rows", "new")),),
+                      outputs=(TensorSpec("logits", "float32", ("rows", 10)),),
+                      extra={"requires": {"onnxruntime": "1.23"}})
+    check_requirements("decoder", spec, {"onnxruntime": "1.23.0"})
+    check_requirements("decoder", spec, {"onnxruntime": "1.30.1"})
+    with pytest.raises(BundleError, match=r"needs onnxruntime >= 1.23; this machine has 1.19.2.*--decoder-int8 dynamic"):
+        check_requirements("decoder", spec, {"onnxruntime": "1.19.2"})
+    check_requirements("decoder", ModuleSpec(file="d.onnx", inputs=spec.inputs, outputs=spec.outputs),
+                       {"onnxruntime": "1.0"})  # nothing required: nothing checked
