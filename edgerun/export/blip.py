@@ -109,7 +109,8 @@ class BlipDecoderGraph(nn.Module):
         scores = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
         scores = scores.masked_fill(future, float("-inf"))
         ctx = torch.matmul(scores.softmax(dim=-1), values)
-        ctx = ctx.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        ctx = ctx.transpose(1, 2)
+        ctx = ctx.reshape(ctx.shape[0], ctx.shape[1], -1)  # its own dims: a constant shape (simplify.py)
         return attention.output(ctx, x), k, v
 
     def _cross_attention(self, attention, x, cross_k, cross_v, hidden_mask=None):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
+from .simplify import drop_dead_nodes, fold_reshape_shapes
 
 # Ops that TensorRT rejects inside decode loops or that hide cache branches.
 FORBIDDEN_OPS = {"If", "Loop", "Scan"}
@@ -59,13 +60,16 @@ def export_graph(spec: GraphSpec, path: Path, *, opset: int = 17,
     for stray in [p for p in tmp.parent.iterdir() if p.suffix == "" and p.name.startswith("onnx__")]:
         stray.unlink()  # the legacy exporter's external-data files of >2 GB models
     check_graph(model, spec.name)
+    if fold_reshape_shapes(model.graph):
+        drop_dead_nodes(model.graph)
     short_tensor_names(model.graph)
     weights = sum(t.ByteSize() for t in model.graph.initializer)
     if weights > external_data_bytes:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
         data = path.with_name(path.name + ".data")
-        data.chmod(path.stat().st_mode & 0o777)  # onnx writes it 0600; a service account must read it
+        if data.exists():  # none when every initializer is under the threshold
+            data.chmod(path.stat().st_mode & 0o777)  # onnx writes it 0600; a service account must read it
     else:
         onnx.save_model(model, str(path))
     return path

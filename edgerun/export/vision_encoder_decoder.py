@@ -108,7 +108,8 @@ class Gpt2DecoderGraph(nn.Module):
         scores = torch.matmul(q, keys.transpose(-1, -2)) * attn.scaling
         scores = scores.masked_fill(future, float("-inf"))
         ctx = torch.matmul(scores.softmax(dim=-1), values)
-        return attn.c_proj(ctx.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)), k, v
+        ctx = ctx.transpose(1, 2)
+        return attn.c_proj(ctx.reshape(ctx.shape[0], ctx.shape[1], -1)), k, v  # own dims: a constant shape
 
     def _cross_attention(self, attn, x, cross_k, cross_v):
         """x (R, T, D) after ln_cross_attn; the beams of one image share its cross_k/cross_v (B, H, N, hd)."""

@@ -21,7 +21,8 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """(B, H, T, hd) -> (B, T, H * hd)"""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+    x = x.transpose(1, 2)
+    return x.reshape(x.shape[0], x.shape[1], -1)  # its own dims: a constant shape after export
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:

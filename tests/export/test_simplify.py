@@ -1,0 +1,66 @@
+"""Export clean-ups: constant Reshape shapes where the tracer computed them from the input's own dims."""
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torch = pytest.importorskip("torch")
+
+
+class _Heads(torch.nn.Module):
+    """view by the input's own dims (foldable) and by another tensor's dims (must stay computed)."""
+
+    def forward(self, x, y):
+        h = x.view(x.shape[0], x.shape[1], 4, -1).transpose(1, 2)  # own dims + constants
+        h = h.transpose(1, 2)
+        own = h.reshape(h.shape[0], h.shape[1], -1)
+        other = y.reshape(x.shape[1], x.shape[0], -1)  # dims of x, data y: not foldable
+        return own * 2, other + 1
+
+
+def _export(tmp_path):
+    from edgerun.export.onnx import GraphSpec, export_graph
+
+    x, y = torch.randn(2, 3, 8), torch.randn(3, 2, 8)
+    spec = GraphSpec("heads", _Heads(), (x, y), ["x", "y"], ["own", "other"],
+                     {"x": {0: "batch", 1: "time"}, "y": {0: "time", 1: "batch"}})
+    return export_graph(spec, tmp_path / "heads.onnx")
+
+
+def test_own_dims_become_a_constant_shape_and_the_rest_stays(tmp_path):
+    path = _export(tmp_path)
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    reshapes = [n for n in graph.node if n.op_type == "Reshape"]
+    constant = sorted(inits[n.input[1]].tolist() for n in reshapes if n.input[1] in inits)
+    assert constant == [[0, 0, -1], [0, 0, 4, -1]]
+    computed = [n for n in reshapes if n.input[1] not in inits]
+    assert len(computed) == 1  # y reshaped by x's dims keeps its Shape/Concat chain
+    shapes = [n.input[0] for n in graph.node if n.op_type == "Shape"]
+    assert shapes and set(shapes) == {"x"}  # only the unfoldable reshape still reads dims at run time
+    assert {i.name for i in graph.input} == {"x", "y"}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b, t in ((2, 3), (5, 1), (1, 7)):  # other sizes than traced: the zeros follow the input
+        x = np.random.default_rng(b).standard_normal((b, t, 8)).astype(np.float32)
+        y = np.random.default_rng(t).standard_normal((t, b, 8)).astype(np.float32)
+        own, other = session.run(None, {"x": x, "y": y})
+        np.testing.assert_allclose(own, x.reshape(b, t, 8) * 2, rtol=1e-6)
+        np.testing.assert_allclose(other, y.reshape(t, b, 8) + 1, rtol=1e-6)
+
+
+def test_dead_nodes_and_their_initializers_go_but_graph_inputs_stay():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerun.export.simplify import drop_dead_nodes
+
+    nodes = [helper.make_node("Add", ["x", "c"], ["y"], name="used"),
+             helper.make_node("Mul", ["x", "d"], ["unused"], name="dead"),
+             helper.make_node("Neg", ["unused"], ["unused2"], name="dead2")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                     helper.make_tensor_value_info("d", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.ones(2, np.float32), n) for n in ("c", "d", "e")])
+    assert drop_dead_nodes(graph) == 2
+    assert [n.name for n in graph.node] == ["used"]
+    assert sorted(i.name for i in graph.initializer) == ["c", "d"]  # d is also an input; e read by nothing
