@@ -2,8 +2,9 @@
 
 The cache is preallocated for the whole generation, time-major (time, layer, row, head, dim), so
 that the past fed to each step is a contiguous prefix (no copy) and each step's new K/V are written
-in place. Beam reordering copies only the rows that change, in place (staging in a preallocated
-spare buffer the rows another one still reads). The cross-attention K/V stay one copy per image; the graph broadcasts the beams' queries over it.
+in place. A beam reorder mostly rewrites a row map instead of moving the cache: only a row that two
+beams continue is copied (DecoderInference). The cross-attention K/V stay one copy per image; the
+graph broadcasts the beams' queries over it.
 """
 from __future__ import annotations
 
@@ -44,45 +45,73 @@ def make_inference(runner, values: Mapping[str, np.ndarray], batch: int, beams: 
         from .iobinding import DeviceDecoderInference
 
         return DeviceDecoderInference(runner, cross, batch * beams, capacity, cache)
-    return DecoderInference(runner, cross, batch * beams, capacity, cache)
+    return DecoderInference(runner, cross, batch * beams, capacity, cache, group=beams)
 
 
 class DecoderInference:
-    def __init__(self, runner, cross: dict[str, np.ndarray], rows: int, capacity: int, dims: dict):
+    """The decoder over a preallocated time-major cache whose rows are addressed through a map.
+
+    Logical row r (what decoding calls row r) lives in physical row `self._phys[r]` of the cache.
+    A beam reorder only rewrites the map where it can: a beam that continues one source keeps that
+    source's physical row, and only a source that two new beams continue is copied, into a row no
+    new beam continues (rows never leave their group of `group` rows, the beams of one image,
+    because the graph gives each group its own image's cross K/V). The decoder runs on the rows in
+    physical order; its logits are returned in logical order."""
+
+    def __init__(self, runner, cross: dict[str, np.ndarray], rows: int, capacity: int, dims: dict,
+                 group: int | None = None):
         shape = (capacity, dims["layers"], rows, dims["heads"], dims["head_dim"])
         self.runner = runner
         self.cross = cross  # the cross_kv graph's outputs, fed to every step as they are
         self._key, self._value = np.empty(shape, np.float32), np.empty(shape, np.float32)
-        self._spare_key, self._spare_value = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        self._phys = np.arange(rows)  # logical row -> physical row
+        self.group = group or rows
+        if rows % self.group:
+            raise BundleError(f"{rows} decoder rows do not split into groups of {self.group}")
         self.length = 0
         self.capacity = capacity
+        self.copies = 0  # rows copied by reorders (for tests and profiling)
         self.step_times: list[float] = []  # seconds of each decoder call, for timings and bench
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """tokens : (rows, new) int64 -> logits (rows, vocab) float32 at the last position."""
         past, new = self.length, tokens.shape[1]
         assert past + new <= self.capacity, "cache capacity is sized for the whole generation"
-        out = self.runner.infer({"input_ids": np.ascontiguousarray(tokens, dtype=np.int64),
-                                 "past_key": self._key[:past], "past_value": self._value[:past],
+        mapped = not np.array_equal(self._phys, np.arange(self._phys.size))
+        ids = np.ascontiguousarray(tokens, dtype=np.int64)
+        if mapped:  # the graph sees physical rows
+            physical = np.empty_like(ids)
+            physical[self._phys] = ids
+            ids = physical
+        out = self.runner.infer({"input_ids": ids, "past_key": self._key[:past], "past_value": self._value[:past],
                                  **self.cross}, check=False)
         self.step_times.append(self.runner.last_time)
         self._key[past:past + new] = out["new_key"]
         self._value[past:past + new] = out["new_value"]
         self.length = past + new
-        return out["logits"]
+        return out["logits"][self._phys] if mapped else out["logits"]
 
     def rearrange_kv_cache(self, source_indices: np.ndarray) -> None:
-        """Row r of the cache becomes row source_indices[r], in place: only the rows that change are
-        copied (one strided copy each), after staging in the spare buffers those of them that another
-        changed row still reads. Beams mostly keep their rows, so this moves a fraction of the cache."""
-        n = self.length
-        moves = {row: source for row, source in enumerate(source_indices.tolist()) if row != source}
-        staged = set(moves) & set(moves.values())  # overwritten, but another row's source
-        for cache, spare in ((self._key, self._spare_key), (self._value, self._spare_value)):
-            for row in staged:
-                spare[:n, :, row] = cache[:n, :, row]
-            for row, source in moves.items():
-                cache[:n, :, row] = (spare if source in staged else cache)[:n, :, source]
+        """Logical row r continues logical row source_indices[r] (a row of its own group)."""
+        n, phys, g = self.length, self._phys, self.group
+        new = np.empty_like(phys)
+        sources = phys[np.asarray(source_indices)]  # physical rows the new rows continue
+        for start in range(0, phys.size, g):
+            block = sources[start:start + g]
+            taken: set[int] = set()
+            spare = iter(sorted(set(range(start, start + g)) - set(block.tolist())))
+            for i, row in enumerate(block.tolist()):
+                if row not in taken:
+                    taken.add(row)  # the first continuation keeps the row: nothing moves
+                    new[start + i] = row
+                    continue
+                target = next(spare)  # no new row continues it: free to overwrite
+                self._key[:n, :, target] = self._key[:n, :, row]
+                self._value[:n, :, target] = self._value[:n, :, row]
+                new[start + i] = target
+                self.copies += 1
+        self._phys = new
 
     def cleanup_caching(self) -> None:
         self.length = 0
+        self._phys = np.arange(self._phys.size)

@@ -175,8 +175,9 @@ def test_warm_makes_the_sessions_of_a_task_at_once(blip_bundle):
         model.warm(["vqa"])
 
 
-@pytest.mark.parametrize("sources", [[0, 0, 1], [1, 0, 2], [2, 0, 1], [0, 1, 2], [2, 2, 2], [1, 2, 0, 0]])
-def test_cache_reorder_moves_rows_like_a_gather(sources):
+@pytest.mark.parametrize("sources,copies", [([0, 0, 1], 1), ([1, 0, 2], 0), ([2, 0, 1], 0), ([0, 1, 2], 0),
+                                            ([2, 2, 2], 2), ([1, 2, 0, 0], 1)])
+def test_cache_reorder_is_a_gather_that_copies_only_duplicated_rows(sources, copies):
     from edgerun.runtime.kvcache import DecoderInference
 
     rows = len(sources)
@@ -188,5 +189,40 @@ def test_cache_reorder_moves_rows_like_a_gather(sources):
     inference.length = 5
     want_key, want_value = inference._key[:5][:, :, sources].copy(), inference._value[:5][:, :, sources].copy()
     inference.rearrange_kv_cache(np.array(sources))
-    np.testing.assert_array_equal(inference._key[:5], want_key)
-    np.testing.assert_array_equal(inference._value[:5], want_value)
+    assert inference.copies == copies  # a permutation moves nothing; a row two beams continue, once
+    np.testing.assert_array_equal(inference._key[:5][:, :, inference._phys], want_key)
+    np.testing.assert_array_equal(inference._value[:5][:, :, inference._phys], want_value)
+    # twice more: the map composes (row r continues what logical row sources[r] held)
+    for _ in range(2):
+        want_key = want_key[:, :, sources]
+        inference.rearrange_kv_cache(np.array(sources))
+    np.testing.assert_array_equal(inference._key[:5][:, :, inference._phys], want_key)
+
+
+class _EchoRunner:
+    """A decoder whose logits say which ids it was fed, row by row, and whose new K/V carry them."""
+
+    inputs = ()
+    last_time = 0.0
+
+    def infer(self, feeds, check=False):
+        ids = feeds["input_ids"][:, -1].astype(np.float32)
+        rows, new = feeds["input_ids"].shape
+        logits = np.stack([ids, ids * 2], axis=1)
+        kv = np.broadcast_to(ids[None, None, :, None, None], (new, 1, rows, 1, 2)).copy()
+        return {"logits": logits, "new_key": kv, "new_value": kv + 1}
+
+
+def test_mapped_rows_are_fed_and_returned_in_logical_order():
+    from edgerun.runtime.kvcache import DecoderInference
+
+    inference = DecoderInference(_EchoRunner(), {}, 4, 5, {"layers": 1, "heads": 1, "head_dim": 2}, group=2)
+    inference.logits(np.array([[10], [11], [12], [13]]))
+    inference.rearrange_kv_cache(np.array([1, 1, 3, 2]))  # group 0: row 1 twice; group 1: swapped
+    assert inference.copies == 1 and sorted(inference._phys[:2]) == [0, 1] and sorted(inference._phys[2:]) == [2, 3]
+    logits = inference.logits(np.array([[20], [21], [22], [23]]))
+    np.testing.assert_array_equal(logits[:, 0], [20, 21, 22, 23])  # logical order, whatever the map
+    history = inference._key[:2, 0, :, 0, 0][:, inference._phys]  # (time, logical row)
+    np.testing.assert_array_equal(history, [[11, 11, 13, 12], [20, 21, 22, 23]])
+    with pytest.raises(Exception, match="groups of 3"):
+        DecoderInference(_EchoRunner(), {}, 4, 5, {"layers": 1, "heads": 1, "head_dim": 2}, group=3)
