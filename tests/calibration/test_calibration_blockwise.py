@@ -123,7 +123,10 @@ def test_auto_picks_blockwise_only_where_onnxruntime_runs_it(monkeypatch):
     monkeypatch.setattr(onnxruntime, "__version__", "1.22.0")
     assert decoder_scheme("auto") == "dynamic"
     monkeypatch.setattr(onnxruntime, "__version__", "1.23.2")
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
     assert decoder_scheme("auto") == "blockwise"
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")  # not measured there
+    assert decoder_scheme("auto") == "dynamic" and decoder_scheme("blockwise") == "blockwise"
 
 
 def test_a_module_needing_a_newer_onnxruntime_is_refused_with_the_fix():
