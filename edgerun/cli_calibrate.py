@@ -33,7 +33,7 @@ import click
               "embedding stays one int8 table); the held-out comparison tells what it cost")
 @click.option("--decoder-int8", type=click.Choice(["auto", "blockwise", "dynamic"]), default="auto", show_default=True,
               help="decoders' onnxruntime variant: blockwise (MatMulNBits, 8-bit weights in blocks of 128; "
-                   "onnxruntime >= 1.23) or dynamic (standard ops); auto: blockwise where this onnxruntime runs it")
+                   "onnxruntime >= 1.23) or dynamic (standard ops); auto: blockwise with onnxruntime >= 1.23 on x86-64")
 @click.option("--variants", default="cpu,tensorrt", show_default=True,
               help="INT8 variants to write: cpu (onnxruntime) and tensorrt (symmetric Q/DQ); 'cpu' alone "
                    "makes a bundle for onnxruntime only, about a third smaller")
