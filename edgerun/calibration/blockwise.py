@@ -94,7 +94,7 @@ class _Rewriter:
     def table(self, t: Target) -> tuple[str, str, int, int, int]:
         if t.weight not in self.tables:
             w = self.to_array(self.inits[t.weight]).astype(np.float32)
-            rows = w if t.op == "Gemm" else w.T  # Gemm (transB): (N, K) already; MatMul: (K, N)
+            rows = w if t.op == "Gemm" and t.axis == 0 else w.T  # Gemm with transB: (N, K); else (K, N)
             n, k = rows.shape
             block = block_size(k)
             q, scales = quantize_blocks(rows, block)

@@ -41,14 +41,21 @@ def _attr(node, name: str, default):
 
 
 def _plain_gemm(node) -> bool:
-    """A Gemm that is `x @ W.T (+ C)`: the form a tied LM head takes."""
-    return (_attr(node, "transA", 0) == 0 and _attr(node, "transB", 0) == 1
-            and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0)
+    """A Gemm that is `x @ W.T + C` (transB, the form a tied LM head takes) or `x @ W + C` (GPT-2's
+    Conv1D layers): no transposed input, no scaling."""
+    return (_attr(node, "transA", 0) == 0 and _attr(node, "alpha", 1.0) == 1.0
+            and _attr(node, "beta", 1.0) == 1.0)
+
+
+def transposed(node) -> bool:
+    """Whether a Gemm's weight is stored (out, in)."""
+    return node.op_type == "Gemm" and _attr(node, "transB", 0) == 1
 
 
 def rewritable(graph, targets: Sequence[Target]) -> list[Target]:
-    """The targets this rewrite handles: constant-weight MatMuls, and `x @ W.T + C` Gemms whose
-    weight is read otherwise only by Gathers on axis 0 (a tied embedding)."""
+    """The targets this rewrite handles: constant-weight MatMuls and plain Gemms (`x @ W + C`,
+    `x @ W.T + C`) whose weight nothing else reads, and `x @ W.T + C` Gemms whose weight is read
+    otherwise only by Gathers on axis 0 (a tied embedding)."""
     nodes = {n.name: n for n in graph.node}
     readers: dict[str, list] = {}
     for n in graph.node:
@@ -57,8 +64,9 @@ def rewritable(graph, targets: Sequence[Target]) -> list[Target]:
     out = []
     for t in targets:
         node = nodes[t.node]
-        only_reader = t.op == "MatMul" and len(readers[t.weight]) == 1
-        tied_head = t.op == "Gemm" and _plain_gemm(node) and all(
+        plain = t.op == "MatMul" or (t.op == "Gemm" and _plain_gemm(node))
+        only_reader = plain and len(readers[t.weight]) == 1
+        tied_head = t.op == "Gemm" and _plain_gemm(node) and transposed(node) and all(
             r is node or (r.op_type == "Gather" and r.input[0] == t.weight and _attr(r, "axis", 0) == 0)
             for r in readers[t.weight])
         if only_reader or tied_head:
@@ -86,7 +94,7 @@ class _Rewriter:
             axis = t.axis if self.per_channel else None
             scale = weight_scales(w, axis)
             w_q = quantize_weight(w, scale, axis)
-            if t.op == "Gemm":  # (out, in) -> (in, out); per-row scales stay per output channel
+            if t.op == "Gemm" and t.axis == 0:  # (out, in) -> (in, out); scales stay per output channel
                 w_q = np.ascontiguousarray(w_q.T)
             names = (f"{t.weight}_quantized", f"{t.weight}_scale")
             self.graph.initializer.extend([self.from_array(w_q, names[0]), self.from_array(scale, names[1])])

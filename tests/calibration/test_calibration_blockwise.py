@@ -143,3 +143,31 @@ def test_a_module_needing_a_newer_onnxruntime_is_refused_with_the_fix():
         check_requirements("decoder", spec, {"onnxruntime": "1.19.2"})
     check_requirements("decoder", ModuleSpec(file="d.onnx", inputs=spec.inputs, outputs=spec.outputs),
                        {"onnxruntime": "1.0"})  # nothing required: nothing checked
+
+
+@pytest.mark.parametrize("scheme", ["blockwise", "dynamic"])
+def test_gpt2_style_gemms_without_transb_are_quantized_too(scheme):
+    """GPT-2's Conv1D layers export as Gemm(x, W (in, out), b): both schemes rewrite them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerun.calibration.blockwise import quantize_blockwise_weights
+    from edgerun.calibration.decoder import quantize_dynamic_weights
+    from edgerun.calibration.nodes import find_targets
+
+    rng = np.random.default_rng(3)
+    w1, b1 = (rng.standard_normal((64, 96)) * 0.1).astype(np.float32), rng.standard_normal(96).astype(np.float32)
+    w2 = (rng.standard_normal((96, 32)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], name="c_fc"),
+             helper.make_node("Gemm", ["h", "w2"], ["y"], name="c_proj", transB=0)]
+    graph = helper.make_graph(nodes, "conv1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    ref = _session(model).run(None, {"x": x})[0]
+    rewrite = quantize_blockwise_weights if scheme == "blockwise" else quantize_dynamic_weights
+    assert rewrite(model, find_targets(model.graph)) == 2
+    assert not {"w1", "w2"} & {i.name for i in model.graph.initializer}  # no float weight left
+    assert "Gemm" not in {n.op_type for n in model.graph.node}
+    got = _session(model).run(None, {"x": x})[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.03
