@@ -3,6 +3,7 @@
     python benchmarks/optimum_vit_gpt2.py all --workdir /tmp/vit-gpt2-optimum \\
         --optimum-python /work/optimum-venv/bin/python                 # everything, one side at a time
     python benchmarks/optimum_vit_gpt2.py all --workdir DIR --tiny ...  # a tiny model, to try the script
+    python benchmarks/optimum_vit_gpt2.py all --workdir DIR --int8 --reuse-exports   # INT8 against INT8
 
 Optimum pins an older transformers than edge-run, so it lives in an environment of its own, made
 once with the versions in benchmarks/optimum-requirements.txt:
@@ -29,6 +30,12 @@ max_new_tokens = 20), batch 1. The script reports per side the median caption ti
 image encoder and the rest (decoding), peak RSS and size on disk; the speed-ups both as ratios of
 medians and as medians of turn-by-turn ratios; whether the token ids agree; and the load average
 before each turn. It prints a table and writes DIR/results.json.
+
+With --int8 each library quantizes the same exports its own way before the turns (steps
+optimum-quantize: ORTQuantizer with AutoQuantizationConfig.avx512_vnni(is_static=False), the
+encoder and the merged decoder; calibrate: `edge-run calibrate --int8-head --variants cpu` on 64
+crops and flips of the captioned photos the installed packages ship); torch's generate() stays the
+float reference. It writes DIR/results-int8.json.
 """
 from __future__ import annotations
 
@@ -255,6 +262,46 @@ def export_optimum(folder: Path, out: Path) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def quantize_optimum(onnx_dir: Path, out: Path) -> dict:
+    """Optimum's own INT8: ORTQuantizer with AutoQuantizationConfig.avx512_vnni(is_static=False)
+    (dynamic, per-channel weights, onnxruntime's quantize_dynamic underneath) on the encoder and the
+    merged decoder, saved under their usual names beside copies of the configs and tokenizer."""
+    import shutil
+
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=True)
+    for name in ("encoder_model.onnx", "decoder_model_merged.onnx"):
+        ORTQuantizer.from_pretrained(onnx_dir, file_name=name).quantize(config, save_dir=out, file_suffix=None)
+    for p in onnx_dir.iterdir():
+        if p.is_file() and p.suffix != ".onnx" and not (out / p.name).exists():
+            shutil.copy2(p, out / p.name)
+    files = {p.name: round(p.stat().st_size / 1e6, 1) for p in sorted(out.iterdir()) if p.is_file()}
+    return {"seconds": time.perf_counter() - start, "files_mb": files, "disk_mb": dir_mb(out),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def calibrate_edgerun(bundle: Path, out: Path, images: Path) -> dict:
+    """`edge-run calibrate BUNDLE --data IMAGES --augment --samples 64 --int8-head --variants cpu`."""
+    from edgerun.calibration.pipeline import CalibrationOptions, calibrate
+    from edgerun.models.photos import load_photos
+
+    images.mkdir(parents=True, exist_ok=True)
+    for photo in load_photos()[0]:  # the captioned photos the installed packages ship
+        link = images / f"{photo.source}_{photo.file}"
+        if not link.exists():
+            link.symlink_to(photo.path)
+    start = time.perf_counter()
+    options = CalibrationOptions(samples=64, augment=True, int8_head=True, variants=("cpu",), eval_samples=8,
+                                 overwrite=True)
+    calibrate(bundle, str(images), out, options, progress=lambda msg: print(msg, file=sys.stderr))
+    return {"seconds": time.perf_counter() - start, "disk_mb": dir_mb(out), "peak_rss_mb": peak_rss_mb(),
+            "max_abs_diff": None}
+
+
 def export_edgerun(folder: Path, bundle: Path) -> dict:
     from edgerun.export.pipeline import export
 
@@ -300,7 +347,8 @@ def check_optimum_env(python: Path) -> dict:
 
 def side_command(python: Path, step: str, args) -> list[str]:
     return [str(python), __file__, step, "--workdir", str(args.workdir), "--warmup", str(args.warmup),
-            "--threads", str(args.threads), "--optimum-torch-threads", str(args.optimum_torch_threads)]
+            "--threads", str(args.threads), "--optimum-torch-threads", str(args.optimum_torch_threads),
+            *(["--int8"] if args.int8 else [])]
 
 
 def side_env(args) -> dict:
@@ -404,6 +452,10 @@ def run_all(args) -> dict:
                      "checkpoint_mb": dir_mb(folder)}
     results["optimum_export"] = run_export(args.optimum_python, "optimum-export", "optimum-onnx", args)
     results["edgerun_export"] = run_export(me, "export", "bundle", args)
+    if args.int8:  # both sides' own INT8 of the same exports; torch stays the float reference
+        results["optimum_export"] = run_export(args.optimum_python, "optimum-quantize", "optimum-onnx-int8", args)
+        results["edgerun_export"] = run_export(me, "calibrate", "bundle-int8", args)
+    results["int8"] = args.int8
     sides, loads = interleaved_runs(args, {"optimum": args.optimum_python, "torch": me, "edgerun": me})
     results.update(sides)
     results["load_average_per_turn"] = loads
@@ -418,7 +470,8 @@ def run_all(args) -> dict:
 
 def print_table(r: dict) -> None:
     t, o, e = r["torch"], r["optimum"], r["edgerun"]
-    print(f"Optimum env: {r['optimum_env']}; {r['runs']} turns after {r['warmup']} warm-up runs")
+    precision = "INT8 (Optimum: ORTQuantizer dynamic; edge-run: calibrate), torch float" if r["int8"] else "float"
+    print(f"Optimum env: {r['optimum_env']}; {r['runs']} turns after {r['warmup']} warm-up runs; {precision}")
     print(f"{'':22s}{'torch':>12s}{'Optimum':>12s}{'edge-run':>12s}")
     for label, key, fmt in (("caption median (ms)", "median_ms", ".1f"), ("  image encoder (ms)", "encoder_ms", ".1f"),
                             ("  decoding (ms)", "decoder_ms", ".1f"), ("peak RSS (MB)", "peak_rss_mb", ".0f")):
@@ -445,6 +498,12 @@ def step(args) -> dict | None:
         return export_optimum(folder, onnx_dir)
     if args.step == "export":
         return export_edgerun(folder, bundle)
+    if args.step == "optimum-quantize":
+        return quantize_optimum(onnx_dir, w / "optimum-onnx-int8")
+    if args.step == "calibrate":
+        return calibrate_edgerun(bundle, w / "bundle-int8", w / "calibration-images")
+    if args.int8:
+        onnx_dir, bundle = w / "optimum-onnx-int8", w / "bundle-int8"
     make_side = {"optimum": lambda: optimum_side(onnx_dir, pixels, args),
                  "torch": lambda: torch_side(folder, pixels, args),
                  "edgerun": lambda: edgerun_side(bundle, pixels, args)}[args.step]
@@ -454,7 +513,8 @@ def step(args) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["all", "optimum-export", "optimum", "torch", "export", "edgerun"])
+    ap.add_argument("step", choices=["all", "optimum-export", "optimum-quantize", "optimum", "torch", "export",
+                                     "calibrate", "edgerun"])
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--optimum-python", type=Path, default=Path("/work/optimum-venv/bin/python"),
                     help="the Optimum environment's python (default: %(default)s)")
@@ -465,6 +525,8 @@ def main() -> None:
                     help="torch threads in the Optimum process, for generate()'s own work (default: %(default)s)")
     ap.add_argument("--reuse-exports", action="store_true", help="keep the exports of an earlier `all` in WORKDIR")
     ap.add_argument("--tiny", action="store_true", help="a tiny model, to try the script quickly")
+    ap.add_argument("--int8", action="store_true", help="INT8 against INT8: Optimum's ORTQuantizer (dynamic, "
+                    "AVX512-VNNI config) against `edge-run calibrate --int8-head --variants cpu`; torch stays float")
     args = ap.parse_args()
     if min(args.runs, args.threads, args.optimum_torch_threads) < 1 or args.warmup < 0:
         ap.error("--runs, --threads and --optimum-torch-threads must be >= 1, --warmup >= 0")
@@ -479,7 +541,7 @@ def main() -> None:
         results = run_all(args)
     except BenchFailure as err:
         sys.exit(f"error: {err}")
-    (args.workdir / "results.json").write_text(json.dumps(results, indent=2))
+    (args.workdir / ("results-int8.json" if args.int8 else "results.json")).write_text(json.dumps(results, indent=2))
     print_table(results)
 
 
