@@ -122,8 +122,13 @@ def make_checkpoint(folder: Path, tiny: bool) -> Path:
     """ViTConfig() + GPT2Config(add_cross_attention=True) defaults (or a tiny variant), weights
     drawn by transformers' own initialisers from a fixed seed, saved with save_pretrained."""
     import torch
-    from transformers import (GenerationConfig, GPT2Config, VisionEncoderDecoderConfig,
-                              VisionEncoderDecoderModel, ViTConfig)
+    from transformers import (
+        GenerationConfig,
+        GPT2Config,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+    )
 
     if (folder / "config.json").exists():
         return folder

@@ -152,8 +152,9 @@ def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Pa
         n = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel, means, codes)
         share_weights(out_dir / cpu_file, out_dir / trt_file)  # the int8 weights both read, stored once
         variants.append(Variant(f"{plan.name}@{TRT_TAG}", plan.name, trt_file, TRT_BACKENDS, "s8s8-qdq", "int8", n))
+    written = ", ".join(f"{v.module}: {v.layers}" for v in variants)  # what each file really quantized
     progress(f"{plan.name}: {len(plan.quantized)} of {len(plan.targets)} linear layers INT8, "
-             f"{len(plan.kept)} kept float ({', '.join(v.module for v in variants)})")
+             f"{len(plan.kept)} kept float (layers written: {written})")
     return variants
 
 
