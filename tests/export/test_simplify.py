@@ -64,3 +64,24 @@ def test_dead_nodes_and_their_initializers_go_but_graph_inputs_stay():
     assert drop_dead_nodes(graph) == 2
     assert [n.name for n in graph.node] == ["used"]
     assert sorted(i.name for i in graph.initializer) == ["c", "d"]  # d is also an input; e read by nothing
+
+
+def test_plain_gemms_become_matmul_plus_add_and_a_transposed_one_stays():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerun.export.simplify import gemm_as_matmul
+
+    rng = np.random.default_rng(0)
+    w, b, e = (rng.standard_normal(s).astype(np.float32) for s in ((8, 6), (6,), (5, 6)))
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["h"], name="conv1d"),
+             helper.make_node("Gemm", ["h", "e"], ["y"], name="tied_head", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(a, n) for a, n in ((w, "w"), (b, "b"), (e, "e"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert gemm_as_matmul(model.graph) == 1
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "Gemm"]
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
