@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.families.layers import beam_context, beam_queries
+from ..models.families.layers import beam_context, beam_queries, cached_attention
 from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
@@ -104,11 +104,7 @@ class BlipDecoderGraph(nn.Module):
     def _self_attention(self, attention, x, past_k, past_v, future):
         a = attention.self
         q, k, v = self._heads(a.query(x)), self._heads(a.key(x)), self._heads(a.value(x))
-        keys = torch.cat([past_k.permute(1, 2, 0, 3), k], dim=2)
-        values = torch.cat([past_v.permute(1, 2, 0, 3), v], dim=2)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        scores = scores.masked_fill(future, float("-inf"))
-        ctx = torch.matmul(scores.softmax(dim=-1), values)
+        ctx = cached_attention(q, k, v, past_k, past_v, future, float("-inf"), divisor=math.sqrt(self.head_dim))
         ctx = ctx.transpose(1, 2)
         ctx = ctx.reshape(ctx.shape[0], ctx.shape[1], -1)  # its own dims: a constant shape (simplify.py)
         return attention.output(ctx, x), k, v

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.families.layers import beam_context, beam_queries
+from ..models.families.layers import beam_context, beam_queries, cached_attention
 from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
@@ -103,12 +103,7 @@ class Gpt2DecoderGraph(nn.Module):
         """x (R, T, D) after ln_1; past_k/past_v (P, R, H, hd) -> (output, k, v), k/v (R, H, T, hd)."""
         q, k, v = attn.c_attn(x).split(attn.embed_dim, dim=2)
         q, k, v = _heads(q, self.n_heads), _heads(k, self.n_heads), _heads(v, self.n_heads)
-        keys = torch.cat([past_k.permute(1, 2, 0, 3), k], dim=2)
-        values = torch.cat([past_v.permute(1, 2, 0, 3), v], dim=2)
-        scores = torch.matmul(q, keys.transpose(-1, -2)) * attn.scaling
-        scores = scores.masked_fill(future, float("-inf"))
-        ctx = torch.matmul(scores.softmax(dim=-1), values)
-        ctx = ctx.transpose(1, 2)
+        ctx = cached_attention(q, k, v, past_k, past_v, future, float("-inf"), scale=attn.scaling).transpose(1, 2)
         return attn.c_proj(ctx.reshape(ctx.shape[0], ctx.shape[1], -1)), k, v  # own dims: a constant shape
 
     def _cross_attention(self, attn, x, cross_k, cross_v):

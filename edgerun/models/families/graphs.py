@@ -18,10 +18,12 @@ init_c (layers, B, hidden); `LstmStepGraph`: input_ids (R, T), h, c (layers, R, 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from .layers import attend, beam_context, beam_queries, merge_heads, split_heads
+from .layers import NEG, attend, beam_context, beam_queries, cached_attention, merge_heads, split_heads
 
 
 class VisionGraph(nn.Module):
@@ -77,9 +79,9 @@ class DecoderStepGraph(nn.Module):
             h = block.ln_self(x)
             a = block.self_attn
             q, k, v = (split_heads(proj(h), a.heads) for proj in (a.query, a.key, a.value))
-            keys = torch.cat([past_key[:, i].permute(1, 2, 0, 3), k], dim=2)
-            values = torch.cat([past_value[:, i].permute(1, 2, 0, 3), v], dim=2)
-            x = x + a.out(merge_heads(attend(q, keys, values, allowed)))
+            ctx = cached_attention(q, k, v, past_key[:, i], past_value[:, i], ~allowed, NEG,
+                                   divisor=math.sqrt(q.shape[-1]))
+            x = x + a.out(merge_heads(ctx))
             new_keys.append(k)
             new_values.append(v)
             x = x + self._cross(block.cross_attn, block.ln_cross(x), cross[i], cross[n_layers + i],

@@ -34,6 +34,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     return torch.matmul(scores.softmax(dim=-1), v)
 
 
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                     past_v: torch.Tensor, blocked: torch.Tensor | None, fill: float, *,
+                     scale: float | None = None, divisor: float | None = None) -> torch.Tensor:
+    """Self-attention of the new tokens over the cache and themselves, without concatenating K/V.
+
+    q, k, v : (R, H, T, hd), the new tokens; past_k, past_v : (P, R, H, hd), one layer of the
+    time-major cache, read where it lies (the permutes below fold into onnxruntime's MatMul, no
+    copy); blocked : bool, broadcast to (.., T, P + T), True where a key is masked (with `fill`);
+    the scores are multiplied by `scale` or divided by `divisor`, as the source model does it.
+    Only the scores (R, H, T, P + T) are concatenated, and the context is the sum of the past's and
+    the new tokens' parts: a step copies no layer's K/V. -> (R, H, T, hd)"""
+    n_past = past_k.shape[0]
+    scores = torch.cat([torch.matmul(q, past_k.permute(1, 2, 3, 0)), torch.matmul(q, k.transpose(-1, -2))], dim=-1)
+    scores = scores / divisor if divisor is not None else scores * scale
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, fill)
+    probs = scores.softmax(dim=-1)
+    return torch.matmul(probs[..., :n_past], past_v.permute(1, 2, 0, 3)) + torch.matmul(probs[..., n_past:], v)
+
+
 def beam_queries(q: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     """Cross-attention queries (R, T, D), R = batch * beams, batch-major -> (B, H, beams, T, hd).
 
