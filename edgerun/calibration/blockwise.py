@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .decoder import _ranks, rewritable
+from .decoder import _ranks, apply_rewrite, rewritable
 from .nodes import Target
 
 MIN_ONNXRUNTIME = "1.23"  # 8-bit GatherBlockQuantized (the tied embedding)
@@ -156,24 +156,9 @@ def quantize_blockwise_weights(model, targets: Sequence[Target]) -> int:
     graph = model.graph
     chosen = {t.node: t for t in rewritable(graph, targets)}
     rw = _Rewriter(graph)
-    tied = {t.weight for t in chosen.values() if t.op == "Gemm"}
     for t in chosen.values():  # tables first: a tied embedding is read before its head
         rw.table(t)
-    nodes = []
-    for node in graph.node:
-        t = chosen.get(node.name)
-        if t is not None:
-            nodes += rw.layer(node, t)
-        elif node.op_type == "Gather" and node.input[0] in tied:
-            nodes += rw.embedding(node)
-        else:
-            nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    replaced = {t.weight for t in chosen.values()}
-    keep = [i for i in graph.initializer if i.name not in replaced]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    apply_rewrite(graph, chosen, rw)
     if chosen and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(chosen)

@@ -168,6 +168,15 @@ def quantize_dynamic_weights(model, targets: Sequence[Target], *, per_channel: b
     graph = model.graph
     chosen = {t.node: t for t in rewritable(graph, targets)}
     rw = _Rewriter(graph, per_channel)
+    for t in chosen.values():  # tables first: a tied embedding is read before its head
+        rw.weight(t)
+    apply_rewrite(graph, chosen, rw)
+    return len(chosen)
+
+
+def apply_rewrite(graph, chosen: dict[str, Target], rw) -> None:
+    """Replace each chosen node by `rw.layer(node, target)` and each Gather of a tied head's weight
+    by `rw.embedding(node)`, then drop the float weights the rewrite replaced."""
     tied = {t.weight for t in chosen.values() if t.op == "Gemm"}
     nodes = []
     for node in graph.node:
@@ -175,7 +184,6 @@ def quantize_dynamic_weights(model, targets: Sequence[Target], *, per_channel: b
         if t is not None:
             nodes += rw.layer(node, t)
         elif node.op_type == "Gather" and node.input[0] in tied:
-            rw.weight(next(c for c in chosen.values() if c.weight == node.input[0]))
             nodes += rw.embedding(node)
         else:
             nodes.append(node)
@@ -185,7 +193,6 @@ def quantize_dynamic_weights(model, targets: Sequence[Target], *, per_channel: b
     keep = [i for i in graph.initializer if i.name not in replaced]
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    return len(chosen)
 
 
 DECODER_SCHEMES = ("blockwise", "dynamic")  # blockwise.py: MatMulNBits; this module: MatMulInteger
