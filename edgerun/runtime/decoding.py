@@ -374,6 +374,8 @@ class BeamSearchDecoder(TokenDecoder):
         """Merge the candidates that just finished among the first num_beams into the finished slots,
         keeping the best num_beams (transformers' _update_finished_beams, with its float32 masks)."""
         n_beams = self.n_beams
+        if not stops[:, :n_beams].any():
+            return  # nothing finished: every candidate would be masked below the slots it could take
         just_finished = stops.copy()
         just_finished[:, n_beams:] = False
         scores = self.penalty(candidate_scores, self.length + 1 - self.prompt_length)
