@@ -8,7 +8,8 @@ point (`edge-run calibrate`). The parts, in the order a run uses them:
   stats.py        streaming histograms; MinMax, Entropy (KL), Percentile and auto (least error) ranges
   sensitivity.py  the error each layer alone adds
   qdq.py          Q/DQ insertion: symmetric S8 for TensorRT, U8S8 for onnxruntime on CPU
-  decoder.py      dynamic INT8 weights for decoders on CPU
+  decoder.py      dynamic INT8 weights for decoders on CPU, and the rewrite both decoder schemes share
+  blockwise.py    block-wise INT8 decoder weights (onnxruntime's MatMulNBits), the default on x86-64
   fp16.py         FP16 GPU variants
   build.py        variant files and their manifest entries
   accuracy.py     held-out comparison with the float twin

@@ -36,13 +36,13 @@ ACCURACY_LEVEL = 4  # int8 activations, per block
 
 def supported(version: str | None = None) -> bool:
     """Whether onnxruntime `version` (default: the installed one) runs this variant."""
-    from packaging.version import Version
+    from ..runtime.variants import at_least
 
     if version is None:
         import onnxruntime
 
         version = onnxruntime.__version__
-    return Version(version).release >= Version(MIN_ONNXRUNTIME).release
+    return at_least(version, MIN_ONNXRUNTIME)
 
 
 def decoder_scheme(requested: str) -> str:
@@ -90,6 +90,7 @@ class _Rewriter:
         self.inits = {i.name: i for i in graph.initializer}
         self.to_array, self.from_array = numpy_helper.to_array, numpy_helper.from_array
         self.tables: dict[str, tuple[str, str, int, int, int]] = {}  # weight -> (B, scales, K, N, block)
+        self.scales: dict[str, np.ndarray] = {}  # scales initializer -> its values (N, k_blocks)
 
     def table(self, t: Target) -> tuple[str, str, int, int, int]:
         if t.weight not in self.tables:
@@ -100,6 +101,7 @@ class _Rewriter:
             q, scales = quantize_blocks(rows, block)
             names = (f"{t.weight}_q8", f"{t.weight}_q8_scales")
             self.graph.initializer.extend([self.from_array(q, names[0]), self.from_array(scales, names[1])])
+            self.scales[names[1]] = scales
             self.tables[t.weight] = (*names, k, n, block)
         return self.tables[t.weight]
 
@@ -124,10 +126,9 @@ class _Rewriter:
         b, scales, k, _, block = self.tables[node.input[0]]
         ids, out, base = node.input[1], node.output[0], node.name
         gather_scales = f"{scales}_gather"
-        if gather_scales not in self.inits:  # GatherBlockQuantized wants the scales at data's rank
-            s = self.to_array(next(i for i in self.graph.initializer if i.name == scales))
-            self.graph.initializer.append(self.from_array(s[..., None], gather_scales))
-            self.inits[gather_scales] = self.graph.initializer[-1]
+        if gather_scales not in self.scales:  # GatherBlockQuantized wants the scales at data's rank
+            self.scales[gather_scales] = self.scales[scales][..., None]
+            self.graph.initializer.append(self.from_array(self.scales[gather_scales], gather_scales))
         rank = self.ranks.get(ids, 2)
         width = -(-k // block) * block
         shape = self._const(f"{base}_shape", [0] * rank + [width])

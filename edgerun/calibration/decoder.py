@@ -164,7 +164,6 @@ def quantize_dynamic_weights(model, targets: Sequence[Target], *, per_channel: b
     """Rewrite the linear `targets` of `model` (an onnx ModelProto, weights loaded) in place with
     int8 weights and run-time activation quantization; returns how many were rewritten. Targets
     this rewrite cannot express (a Gemm with other attributes, a weight read elsewhere) stay float."""
-
     graph = model.graph
     chosen = {t.node: t for t in rewritable(graph, targets)}
     rw = _Rewriter(graph, per_channel)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.families.layers import beam_context, beam_queries, cached_attention
+from ..models.families.layers import beam_context, beam_queries, cached_attention, shared_kv_attention
 from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
@@ -114,10 +114,7 @@ class BlipDecoderGraph(nn.Module):
         # (R, T, D) -> (B, H, beams, T, hd) against K/V (B, H, 1, N, hd): the beams of one image
         # share its K/V (see beam_queries).
         q = beam_queries(attention.self.query(x), batch, self.n_heads)
-        scores = torch.matmul(q, cross_k.unsqueeze(2).transpose(-1, -2)) / math.sqrt(self.head_dim)
-        if hidden_mask is not None:
-            scores = scores.masked_fill(hidden_mask, float("-inf"))
-        ctx = torch.matmul(scores.softmax(dim=-1), cross_v.unsqueeze(2))
+        ctx = shared_kv_attention(q, cross_k, cross_v, hidden_mask, float("-inf"), divisor=math.sqrt(self.head_dim))
         return attention.output(beam_context(ctx, rows), x)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.families.layers import beam_context, beam_queries, cached_attention
+from ..models.families.layers import beam_context, beam_queries, cached_attention, shared_kv_attention
 from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
@@ -111,9 +111,7 @@ class Gpt2DecoderGraph(nn.Module):
         rows = x.shape[0]
         # (R, T, D) -> (B, H, beams, T, hd) against K/V (B, H, 1, N, hd)
         q = beam_queries(attn.q_attn(x), cross_k.shape[0], self.n_heads)
-        scores = torch.matmul(q, cross_k.unsqueeze(2).transpose(-1, -2)) * attn.scaling
-        ctx = torch.matmul(scores.softmax(dim=-1), cross_v.unsqueeze(2))
-        return attn.c_proj(beam_context(ctx, rows))
+        return attn.c_proj(beam_context(shared_kv_attention(q, cross_k, cross_v, scale=attn.scaling), rows))
 
 
 def _check_layout(model) -> None:

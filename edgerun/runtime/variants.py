@@ -34,14 +34,19 @@ def select_module(manifest: Manifest, name: str, backend: str) -> tuple[str, Mod
     return name, base
 
 
+def at_least(version: str, minimum: str) -> bool:
+    """Whether release `version` is `minimum` or newer (pre-release and local tags ignored)."""
+    from packaging.version import Version
+
+    return Version(version).release >= Version(str(minimum)).release
+
+
 def check_requirements(name: str, spec: ModuleSpec, installed: dict[str, str] | None = None) -> None:
     """Refuse a module whose file needs a newer library than this machine has (`requires` in its
     manifest entry, e.g. {"onnxruntime": "1.23"} for block-wise INT8 decoders), naming the fix."""
-    from packaging.version import Version
-
     for package, minimum in (spec.extra.get("requires") or {}).items():
         have = (installed or {}).get(package) or _version(package)
-        if have is None or Version(have).release < Version(str(minimum)).release:
+        if have is None or not at_least(have, minimum):
             raise BundleError(
                 f"module {name!r} ({spec.file}) needs {package} >= {minimum}; this machine has "
                 f"{have or 'none'}: pip install -U '{package}>={minimum}', or calibrate the bundle again "

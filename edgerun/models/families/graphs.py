@@ -23,7 +23,15 @@ import math
 import torch
 from torch import nn
 
-from .layers import NEG, attend, beam_context, beam_queries, cached_attention, merge_heads, split_heads
+from .layers import (
+    NEG,
+    beam_context,
+    beam_queries,
+    cached_attention,
+    merge_heads,
+    shared_kv_attention,
+    split_heads,
+)
 
 
 class VisionGraph(nn.Module):
@@ -97,8 +105,8 @@ class DecoderStepGraph(nn.Module):
         rows = x.shape[0]
         # (R, T, D) -> (B, H, beams, T, hd): the beams of one image share its K/V (B, H, 1, M, hd).
         q = beam_queries(attn.query(x), cross_k.shape[0], self.heads)
-        allowed = None if allowed is None else allowed.unsqueeze(2)
-        ctx = attend(q, cross_k.unsqueeze(2), cross_v.unsqueeze(2), allowed)
+        blocked = None if allowed is None else ~allowed.unsqueeze(2)
+        ctx = shared_kv_attention(q, cross_k, cross_v, blocked, divisor=math.sqrt(q.shape[-1]))
         return attn.out(beam_context(ctx, rows))
 
 

@@ -54,6 +54,19 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: 
     return torch.matmul(probs[..., :n_past], past_v.permute(1, 2, 0, 3)) + torch.matmul(probs[..., n_past:], v)
 
 
+def shared_kv_attention(q: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor,
+                        blocked: torch.Tensor | None = None, fill: float = NEG, *,
+                        scale: float | None = None, divisor: float | None = None) -> torch.Tensor:
+    """Cross-attention of `beam_queries` q (B, H, beams, T, hd) over one image's K/V (B, H, N, hd);
+    blocked (B, 1, 1, 1, N) masks keys with `fill`; scores scaled as in `cached_attention`.
+    -> (B, H, beams, T, hd), for `beam_context`."""
+    scores = torch.matmul(q, cross_k.unsqueeze(2).transpose(-1, -2))
+    scores = scores / divisor if divisor is not None else scores * scale
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, fill)
+    return torch.matmul(scores.softmax(dim=-1), cross_v.unsqueeze(2))
+
+
 def beam_queries(q: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     """Cross-attention queries (R, T, D), R = batch * beams, batch-major -> (B, H, beams, T, hd).
 
