@@ -193,7 +193,7 @@ def top_k(scores: np.ndarray, k: int, group_size: int = 64) -> tuple[np.ndarray,
     index ascending. scores : float32, shape = (n_rows, n), n >= k; returns two (n_rows, k) arrays.
 
     Large rows are not sorted: the k-th largest of the maxima of column groups is a threshold that at
-    least k entries reach, and only the groups whose maximum reaches it are examined exactly.
+    least k entries reach, and only the entries that reach it (one comparison pass) are ordered.
     """
     n_rows, n = scores.shape
     n_groups = n // group_size
@@ -202,17 +202,12 @@ def top_k(scores: np.ndarray, k: int, group_size: int = 64) -> tuple[np.ndarray,
         return order, np.take_along_axis(scores, order, axis=1)
     body = scores[:, : n_groups * group_size].reshape(n_rows, group_size, n_groups)
     maxima = body.max(axis=1)  # group g holds columns g, g + n_groups, g + 2 * n_groups, ...
-    threshold = np.partition(maxima, n_groups - k, axis=1)[:, n_groups - k]
-    rows, groups = np.nonzero(maxima >= threshold[:, None])
-    columns = groups[:, None] + np.arange(group_size) * n_groups
-    rows, columns = np.repeat(rows, group_size), columns.ravel()
-    if n > n_groups * group_size:  # columns outside the groups are always candidates
-        tail = np.arange(n_groups * group_size, n)
-        rows = np.concatenate([rows, np.repeat(np.arange(n_rows), tail.size)])
-        columns = np.concatenate([columns, np.tile(tail, n_rows)])
-    values = scores[rows, columns]
+    threshold = np.partition(maxima, n_groups - k, axis=1)[:, n_groups - k: n_groups - k + 1]
+    flat = np.flatnonzero(scores >= threshold)  # row-major: rows ascending (np.nonzero is slower)
+    rows, columns = np.divmod(flat, n)
+    values = scores.reshape(-1)[flat]
     order = np.lexsort((columns, -values, rows))
-    first = np.searchsorted(rows[order], np.arange(n_rows))
+    first = np.searchsorted(rows, np.arange(n_rows))
     picked = order[first[:, None] + np.arange(k)]
     return columns[picked], values[picked]
 
@@ -328,16 +323,16 @@ class BeamSearchDecoder(TokenDecoder):
         self._items = np.arange(self.n_batch)[:, None]
         self._rows = self._items * self.n_beams
         self._identity = np.arange(self.n_beams)
-        self._buffers = None
+        self._scratch = None
         self.done = False
         return first
 
     def update(self, logits: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         n_batch, n_beams = self.n_batch, self.n_beams
         vocab = logits.shape[1]
-        if self._buffers is None or self._buffers[0].shape != logits.shape:
-            self._buffers = (np.empty_like(logits), np.empty_like(logits))
-        scores = log_softmax(logits, *self._buffers)
+        if self._scratch is None or self._scratch.shape != logits.shape:
+            self._scratch = np.empty_like(logits)
+        scores = log_softmax(logits, logits, self._scratch)  # in place: the logits are ours to overwrite
         for logit_filter in self.filters:
             logit_filter.apply(scores, self.tokens[:, : self.length])
         scores += self.running_scores.reshape(-1, 1)

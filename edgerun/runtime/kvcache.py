@@ -65,6 +65,8 @@ class DecoderInference:
         self.cross = cross  # the cross_kv graph's outputs, fed to every step as they are
         self._key, self._value = np.empty(shape, np.float32), np.empty(shape, np.float32)
         self._phys = np.arange(rows)  # logical row -> physical row
+        self._mapped = False  # whether _phys differs from the identity
+        self._logits = None  # the logits in logical order, when rows are mapped
         self.group = group or rows
         if rows % self.group:
             raise BundleError(f"{rows} decoder rows do not split into groups of {self.group}")
@@ -77,7 +79,7 @@ class DecoderInference:
         """tokens : (rows, new) int64 -> logits (rows, vocab) float32 at the last position."""
         past, new = self.length, tokens.shape[1]
         assert past + new <= self.capacity, "cache capacity is sized for the whole generation"
-        mapped = not np.array_equal(self._phys, np.arange(self._phys.size))
+        mapped = self._mapped
         ids = np.ascontiguousarray(tokens, dtype=np.int64)
         if mapped:  # the graph sees physical rows
             physical = np.empty_like(ids)
@@ -89,7 +91,12 @@ class DecoderInference:
         self._key[past:past + new] = out["new_key"]
         self._value[past:past + new] = out["new_value"]
         self.length = past + new
-        return out["logits"][self._phys] if mapped else out["logits"]
+        logits = out["logits"]
+        if not mapped:
+            return logits
+        if self._logits is None or self._logits.shape != logits.shape:
+            self._logits = np.empty_like(logits)
+        return np.take(logits, self._phys, axis=0, out=self._logits, mode="clip")  # "raise" would buffer
 
     def rearrange_kv_cache(self, source_indices: np.ndarray) -> None:
         """Logical row r continues logical row source_indices[r] (a row of its own group)."""
@@ -97,10 +104,13 @@ class DecoderInference:
         new = np.empty_like(phys)
         sources = phys[np.asarray(source_indices)]  # physical rows the new rows continue
         for start in range(0, phys.size, g):
-            block = sources[start:start + g]
+            block = sources[start:start + g].tolist()
+            if len(set(block)) == g:  # a permutation of the group's rows: only the map changes
+                new[start:start + g] = block
+                continue
             taken: set[int] = set()
-            spare = iter(sorted(set(range(start, start + g)) - set(block.tolist())))
-            for i, row in enumerate(block.tolist()):
+            spare = iter(sorted(set(range(start, start + g)) - set(block)))
+            for i, row in enumerate(block):
                 if row not in taken:
                     taken.add(row)  # the first continuation keeps the row: nothing moves
                     new[start + i] = row
@@ -111,7 +121,9 @@ class DecoderInference:
                 new[start + i] = target
                 self.copies += 1
         self._phys = new
+        self._mapped = bool((new != np.arange(new.size)).any())
 
     def cleanup_caching(self) -> None:
         self.length = 0
         self._phys = np.arange(self._phys.size)
+        self._mapped = False
