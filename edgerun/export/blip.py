@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.families.layers import beam_context, beam_queries, cached_attention, shared_kv_attention
+from ..models.families.layers import beam_context, beam_queries, cached_attention, shared_kv_attention, step_dims
 from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
@@ -79,8 +79,8 @@ class BlipDecoderGraph(nn.Module):
         if self.with_cross_mask:
             hidden_mask = (cross[0] == 0)[:, None, None, None, :]  # (B, 1, 1, 1, N): padding never attended
             cross = cross[1:]
-        t = input_ids.shape[1]
-        past = past_key.shape[0]
+        dims = step_dims(input_ids, past_key, cross[0])
+        t, past = dims.new, dims.past
         positions = torch.arange(t, device=input_ids.device) + past
         x = self.embeddings.word_embeddings(input_ids) + self.embeddings.position_embeddings(positions)[None]
         x = self.embeddings.LayerNorm(x)
@@ -88,10 +88,10 @@ class BlipDecoderGraph(nn.Module):
         future = torch.arange(past + t, device=input_ids.device)[None, :] > keys.transpose(0, 1)
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = self._self_attention(layer.attention, x, past_key[:, i], past_value[:, i], future)
+            x, k, v = self._self_attention(layer.attention, x, past_key[:, i], past_value[:, i], future, dims)
             new_keys.append(k)
             new_values.append(v)
-            x = self._cross_attention(layer.crossattention, x, cross[i], cross[n_layers + i], hidden_mask)
+            x = self._cross_attention(layer.crossattention, x, cross[i], cross[n_layers + i], dims, hidden_mask)
             x = layer.output(layer.intermediate(x), x)
         h = self.head.transform(x[:, -1])
         # F.linear on a 2-D input exports as Gemm(transB=1): the embedding matrix is stored once.
@@ -101,21 +101,21 @@ class BlipDecoderGraph(nn.Module):
     def _heads(self, x):
         return x.view(x.shape[0], x.shape[1], self.n_heads, self.head_dim).transpose(1, 2)
 
-    def _self_attention(self, attention, x, past_k, past_v, future):
+    def _self_attention(self, attention, x, past_k, past_v, future, dims):
         a = attention.self
         q, k, v = self._heads(a.query(x)), self._heads(a.key(x)), self._heads(a.value(x))
-        ctx = cached_attention(q, k, v, past_k, past_v, future, float("-inf"), divisor=math.sqrt(self.head_dim))
+        ctx = cached_attention(q, k, v, past_k, past_v, future, float("-inf"), divisor=math.sqrt(self.head_dim),
+                               dims=dims)
         ctx = ctx.transpose(1, 2)
         ctx = ctx.reshape(ctx.shape[0], ctx.shape[1], -1)  # its own dims: a constant shape (simplify.py)
         return attention.output(ctx, x), k, v
 
-    def _cross_attention(self, attention, x, cross_k, cross_v, hidden_mask=None):
-        rows, batch = x.shape[0], cross_k.shape[0]
+    def _cross_attention(self, attention, x, cross_k, cross_v, dims, hidden_mask=None):
         # (R, T, D) -> (B, H, beams, T, hd) against K/V (B, H, 1, N, hd): the beams of one image
         # share its K/V (see beam_queries).
-        q = beam_queries(attention.self.query(x), batch, self.n_heads)
+        q = beam_queries(attention.self.query(x), dims.batch, self.n_heads, dims)
         ctx = shared_kv_attention(q, cross_k, cross_v, hidden_mask, float("-inf"), divisor=math.sqrt(self.head_dim))
-        return attention.output(beam_context(ctx, rows), x)
+        return attention.output(beam_context(ctx, dims.rows, dims), x)
 
 
 class BlipCaptionExporter(EncoderDecoderExporter):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.families.layers import beam_context, beam_queries, cached_attention, shared_kv_attention
+from ..models.families.layers import beam_context, beam_queries, cached_attention, shared_kv_attention, step_dims
 from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
@@ -80,38 +80,39 @@ class Gpt2DecoderGraph(nn.Module):
     def forward(self, input_ids, past_key, past_value, *cross):
         tr = self.transformer
         n_layers = len(tr.h)
-        t = input_ids.shape[1]
-        past = past_key.shape[0]
+        dims = step_dims(input_ids, past_key, cross[0])
+        t, past = dims.new, dims.past
         positions = torch.arange(t, device=input_ids.device) + past
         x = tr.wte(input_ids) + tr.wpe(positions)[None]
         keys = torch.arange(t, device=input_ids.device)[None, :] + past
         future = torch.arange(past + t, device=input_ids.device)[None, :] > keys.transpose(0, 1)
         new_keys, new_values = [], []
         for i, block in enumerate(tr.h):
-            attn, k, v = self._self_attention(block.attn, block.ln_1(x), past_key[:, i], past_value[:, i], future)
+            attn, k, v = self._self_attention(block.attn, block.ln_1(x), past_key[:, i], past_value[:, i], future, dims)
             x = x + attn
             new_keys.append(k)
             new_values.append(v)
-            x = x + self._cross_attention(block.crossattention, block.ln_cross_attn(x), cross[i], cross[n_layers + i])
+            x = x + self._cross_attention(block.crossattention, block.ln_cross_attn(x), cross[i], cross[n_layers + i],
+                                          dims)
             x = x + block.mlp(block.ln_2(x))
         h = tr.ln_f(x[:, -1])
         # F.linear with a bias on a 2-D input exports as Gemm(transB=1): wte is stored once.
         logits = F.linear(h, tr.wte.weight, self.head_bias)
         return logits, torch.stack(new_keys).permute(3, 0, 1, 2, 4), torch.stack(new_values).permute(3, 0, 1, 2, 4)
 
-    def _self_attention(self, attn, x, past_k, past_v, future):
+    def _self_attention(self, attn, x, past_k, past_v, future, dims):
         """x (R, T, D) after ln_1; past_k/past_v (P, R, H, hd) -> (output, k, v), k/v (R, H, T, hd)."""
         q, k, v = attn.c_attn(x).split(attn.embed_dim, dim=2)
         q, k, v = _heads(q, self.n_heads), _heads(k, self.n_heads), _heads(v, self.n_heads)
-        ctx = cached_attention(q, k, v, past_k, past_v, future, float("-inf"), scale=attn.scaling).transpose(1, 2)
+        ctx = cached_attention(q, k, v, past_k, past_v, future, float("-inf"), scale=attn.scaling,
+                               dims=dims).transpose(1, 2)
         return attn.c_proj(ctx.reshape(ctx.shape[0], ctx.shape[1], -1)), k, v  # own dims: a constant shape
 
-    def _cross_attention(self, attn, x, cross_k, cross_v):
+    def _cross_attention(self, attn, x, cross_k, cross_v, dims):
         """x (R, T, D) after ln_cross_attn; the beams of one image share its cross_k/cross_v (B, H, N, hd)."""
-        rows = x.shape[0]
         # (R, T, D) -> (B, H, beams, T, hd) against K/V (B, H, 1, N, hd)
-        q = beam_queries(attn.q_attn(x), cross_k.shape[0], self.n_heads)
-        return attn.c_proj(beam_context(shared_kv_attention(q, cross_k, cross_v, scale=attn.scaling), rows))
+        q = beam_queries(attn.q_attn(x), dims.batch, self.n_heads, dims)
+        return attn.c_proj(beam_context(shared_kv_attention(q, cross_k, cross_v, scale=attn.scaling), dims.rows, dims))
 
 
 def _check_layout(model) -> None:

@@ -31,6 +31,7 @@ from .layers import (
     merge_heads,
     shared_kv_attention,
     split_heads,
+    step_dims,
 )
 
 
@@ -78,7 +79,8 @@ class DecoderStepGraph(nn.Module):
             memory_allowed = cross[0].bool()[:, None, None, :]
             cross = cross[1:]
         n_layers = len(self.decoder.blocks)
-        t, past = input_ids.shape[1], past_key.shape[0]
+        dims = step_dims(input_ids, past_key, cross[0])
+        t, past = dims.new, dims.past
         queries = torch.arange(t, device=input_ids.device) + past
         x = self.decoder.embed(input_ids) + self.decoder.position(queries)[None]
         allowed = torch.arange(past + t, device=input_ids.device)[None, :] <= queries[:, None]
@@ -88,12 +90,12 @@ class DecoderStepGraph(nn.Module):
             a = block.self_attn
             q, k, v = (split_heads(proj(h), a.heads) for proj in (a.query, a.key, a.value))
             ctx = cached_attention(q, k, v, past_key[:, i], past_value[:, i], ~allowed, NEG,
-                                   divisor=math.sqrt(q.shape[-1]))
+                                   divisor=math.sqrt(a.query.out_features // a.heads), dims=dims)
             x = x + a.out(merge_heads(ctx))
             new_keys.append(k)
             new_values.append(v)
             x = x + self._cross(block.cross_attn, block.ln_cross(x), cross[i], cross[n_layers + i],
-                                memory_allowed)
+                                memory_allowed, dims)
             x = x + block.mlp(block.ln_mlp(x))
         # F.linear on a 2-D input exports as Gemm(transB=1): the tied embedding is stored once.
         logits = self.decoder.logits(self.decoder.ln(x[:, -1]))
@@ -101,13 +103,12 @@ class DecoderStepGraph(nn.Module):
         new_key, new_value = torch.stack(new_keys), torch.stack(new_values)
         return logits, new_key.permute(3, 0, 1, 2, 4), new_value.permute(3, 0, 1, 2, 4)
 
-    def _cross(self, attn, x, cross_k, cross_v, allowed):
-        rows = x.shape[0]
+    def _cross(self, attn, x, cross_k, cross_v, allowed, dims):
         # (R, T, D) -> (B, H, beams, T, hd): the beams of one image share its K/V (B, H, 1, M, hd).
-        q = beam_queries(attn.query(x), cross_k.shape[0], self.heads)
+        q = beam_queries(attn.query(x), dims.batch, self.heads, dims)
         blocked = None if allowed is None else ~allowed.unsqueeze(2)
-        ctx = shared_kv_attention(q, cross_k, cross_v, blocked, divisor=math.sqrt(q.shape[-1]))
-        return attn.out(beam_context(ctx, rows))
+        ctx = shared_kv_attention(q, cross_k, cross_v, blocked, divisor=math.sqrt(attn.query.out_features // attn.heads))
+        return attn.out(beam_context(ctx, dims.rows, dims))
 
 
 class QuestionGraph(nn.Module):

@@ -7,6 +7,7 @@ Masks are boolean, True where a key may be attended, broadcast to the scores (B,
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,9 +35,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     return torch.matmul(scores.softmax(dim=-1), v)
 
 
+@dataclass(frozen=True)
+class StepDims:
+    """A decoder step's dynamic sizes, read off its inputs once (`step_dims`) and passed to every
+    layer. Each `x.shape[i]` read while tracing becomes Shape -> Gather nodes of its own, so sizes
+    read per layer were computed again in every layer at every step, and the Unsqueeze/Concat that
+    build shapes from them could not be shared (onnxruntime merges identical nodes over the same
+    inputs, which per-layer Shapes never are)."""
+
+    rows: object  # batch * beams
+    new: object  # tokens in this call
+    past: object  # tokens in the cache
+    batch: object  # images
+    beams: object  # rows // batch
+
+
+def step_dims(input_ids: torch.Tensor, past_key: torch.Tensor, cross_key: torch.Tensor) -> StepDims:
+    """input_ids (R, T), the stacked past (P, ...) and one cross-attention key (B, ...)."""
+    rows, new = input_ids.shape
+    batch = cross_key.shape[0]
+    return StepDims(rows, new, past_key.shape[0], batch, rows // batch)
+
+
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
                      past_v: torch.Tensor, blocked: torch.Tensor | None, fill: float, *,
-                     scale: float | None = None, divisor: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, divisor: float | None = None,
+                     dims: StepDims | None = None) -> torch.Tensor:
     """Self-attention of the new tokens over the cache and themselves, without concatenating K/V.
 
     q, k, v : (R, H, T, hd), the new tokens; past_k, past_v : (P, R, H, hd), one layer of the
@@ -45,7 +69,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: 
     the scores are multiplied by `scale` or divided by `divisor`, as the source model does it.
     Only the scores (R, H, T, P + T) are concatenated, and the context is the sum of the past's and
     the new tokens' parts: a step copies no layer's K/V. -> (R, H, T, hd)"""
-    n_past = past_k.shape[0]
+    n_past = past_k.shape[0] if dims is None else dims.past
     scores = torch.cat([torch.matmul(q, past_k.permute(1, 2, 3, 0)), torch.matmul(q, k.transpose(-1, -2))], dim=-1)
     scores = scores / divisor if divisor is not None else scores * scale
     if blocked is not None:
@@ -67,21 +91,24 @@ def shared_kv_attention(q: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.T
     return torch.matmul(scores.softmax(dim=-1), cross_v.unsqueeze(2))
 
 
-def beam_queries(q: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+def beam_queries(q: torch.Tensor, batch: int, heads: int, dims: StepDims | None = None) -> torch.Tensor:
     """Cross-attention queries (R, T, D), R = batch * beams, batch-major -> (B, H, beams, T, hd).
 
     With the image's keys and values as (B, H, 1, N, hd), every (head, beam) pair is a matrix-vector
     product against the same K/V, one beam after another while that head's K/V is still in cache:
     onnxruntime ran BLIP-base's cross-attention 1.7x faster this way than as one (beams*T)-row
     matrix product per head, which repacks the whole K/V on every call."""
+    if dims is not None:
+        return q.view(dims.batch, dims.beams, dims.new, heads, -1).permute(0, 3, 1, 2, 4)
     rows, t, _ = q.shape
     return q.view(batch, rows // batch, t, heads, -1).permute(0, 3, 1, 2, 4)
 
 
-def beam_context(ctx: torch.Tensor, rows: int) -> torch.Tensor:
+def beam_context(ctx: torch.Tensor, rows: int, dims: StepDims | None = None) -> torch.Tensor:
     """The attention output (B, H, beams, T, hd) -> (R, T, H * hd), R = batch * beams."""
-    t = ctx.shape[3]
-    return ctx.permute(0, 2, 3, 1, 4).reshape(rows, t, -1)
+    if dims is not None:
+        return ctx.permute(0, 2, 3, 1, 4).reshape(dims.rows, dims.new, -1)
+    return ctx.permute(0, 2, 3, 1, 4).reshape(rows, ctx.shape[3], -1)
 
 
 def key_mask(mask: torch.Tensor) -> torch.Tensor:
