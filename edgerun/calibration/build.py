@@ -2,7 +2,8 @@
 
 Every quantized module gets two variants, each naming the backends it is for:
 - `NAME` (the module the tasks name): the onnxruntime CPU variant, backends ["cpu", "cuda"]:
-  U8S8 Q/DQ on the linear layers for encoders, block-wise (or dynamic) INT8 weights for decoders;
+  U8S8 Q/DQ on the linear layers and self-attention fused into onnxruntime's MultiHeadAttention
+  for encoders, block-wise (or dynamic) INT8 weights for decoders;
 - `NAME@tensorrt`: symmetric S8 Q/DQ with standard ops only, backends ["tensorrt", "ort-trt"].
 `--fp16` instead adds `NAME@fp16` (backends ["cuda", "tensorrt", "ort-trt"]) beside the float
 module, which keeps the CPU. `edgerun.runtime.variants.select_module` picks one per backend.
@@ -61,9 +62,13 @@ class Variant:
     scheme: str  # "u8s8-qdq", "s8s8-qdq", "blockwise-int8", "dynamic-int8" or "fp16"
     precision: str
     layers: int  # layers quantized (fp16: nodes kept in float32)
+    fused_attention: int = 0  # self-attentions fused into com.microsoft MultiHeadAttention
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "backends": list(self.backends), "scheme": self.scheme, "layers": self.layers}
+        out = {"file": self.file, "backends": list(self.backends), "scheme": self.scheme, "layers": self.layers}
+        if self.fused_attention:
+            out["fused_attention"] = self.fused_attention
+        return out
 
 
 def plan_modules(bundle, patterns, extra_float: Mapping[str, Mapping[str, str]] = {}) -> dict[str, ModulePlan]:
@@ -96,20 +101,23 @@ def _save(model, dst: Path) -> None:
 
 
 def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, scheme: str, per_channel: bool,
-                 means: Mapping | None = None, codes: Mapping | None = None) -> int:
-    """Write `plan`'s module with Q/DQ on its quantized layers to `dst`; returns the layer count.
+                 means: Mapping | None = None, codes: Mapping | None = None) -> tuple[int, int]:
+    """Write `plan`'s module with Q/DQ on its quantized layers to `dst`; returns the layer count
+    and the number of self-attentions fused (the onnxruntime variant only: `fuse_attention`).
     `means`: per-channel input means of its convolutions, for bias correction (qdq.py); `codes`:
     int8 weights rounded by gptq.py."""
     import onnx
 
+    from ..export.simplify import fuse_attention
     from .qdq import insert_qdq
 
     model = onnx.load(str(plan.path))
     name_nodes(model.graph)
     count = insert_qdq(model, plan.quantized, ranges, scheme=scheme, per_channel=per_channel, means=means,
                        codes=codes)
+    fused = fuse_attention(model) if scheme == "cpu" else 0  # TensorRT parses standard ops only
     _save(model, dst)
-    return count
+    return count, fused
 
 
 def head_targets(plan: ModulePlan) -> list[Target]:
@@ -145,14 +153,15 @@ def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Pa
         n = write_decoder(plan, out_dir / cpu_file, per_channel, head=int8_head, scheme=decoder_scheme)
         variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, f"{decoder_scheme}-int8", "int8", n))
     else:
-        n = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel, means, codes)
-        variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "u8s8-qdq", "int8", n))
+        n, fused = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel, means, codes)
+        variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "u8s8-qdq", "int8", n, fused))
     if ranges and tensorrt:
         trt_file = f"{plan.name}.int8-{TRT_TAG}.onnx"
-        n = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel, means, codes)
+        n, _ = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel, means, codes)
         share_weights(out_dir / cpu_file, out_dir / trt_file)  # the int8 weights both read, stored once
         variants.append(Variant(f"{plan.name}@{TRT_TAG}", plan.name, trt_file, TRT_BACKENDS, "s8s8-qdq", "int8", n))
-    written = ", ".join(f"{v.module}: {v.layers}" for v in variants)  # what each file really quantized
+    written = ", ".join(f"{v.module}: {v.layers}" + (f" + {v.fused_attention} attentions fused" if v.fused_attention
+                                                      else "") for v in variants)  # what each file really holds
     progress(f"{plan.name}: {len(plan.quantized)} of {len(plan.targets)} linear layers INT8, "
              f"{len(plan.kept)} kept float (layers written: {written})")
     return variants

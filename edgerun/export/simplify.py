@@ -135,3 +135,155 @@ def gemm_as_matmul(graph) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return done
+
+
+def _perm(node) -> list[int] | None:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+
+
+class _Attention:
+    """One traced self-attention, softmax(q k^T * scale) v, matched around its Softmax."""
+
+    def __init__(self, g: _Graph, readers: dict, softmax):
+        self.ok = False
+        if softmax.op_type != "Softmax" or _attr(softmax, "axis", -1) not in (-1, 3):
+            return
+        scaled = g.producer.get(softmax.input[0])
+        self.scale, scores = 1.0, scaled
+        if scaled is not None and scaled.op_type in ("Mul", "Div"):
+            value = g.constant(scaled.input[1])
+            if value is None or value.size != 1:
+                return
+            value = float(np.ravel(value)[0])
+            self.scale = value if scaled.op_type == "Mul" else 1.0 / value
+            scores = g.producer.get(scaled.input[0])
+        if scores is None or scores.op_type != "MatMul" or len(readers.get(softmax.output[0], [])) != 1:
+            return
+        pv = readers[softmax.output[0]][0]
+        after = readers.get(pv.output[0], [])
+        if pv.op_type != "MatMul" or pv.input[0] != softmax.output[0] or len(after) != 1:
+            return
+        merge = after[0]
+        last = readers.get(merge.output[0], [])
+        if merge.op_type != "Transpose" or _perm(merge) != [0, 2, 1, 3] or len(last) != 1 or last[0].op_type != "Reshape":
+            return
+        self.output = last[0].output[0]  # (B, S, D): what the fused op writes
+        shape = g.constant(last[0].input[1])
+        self.width = int(shape[-1]) if shape is not None and shape.size == 3 and shape[-1] > 0 else None
+        self.qkv = self._sources(g, scores.input[0], scores.input[1], pv.input[1])
+        self.ok = self.qkv is not None
+
+    def _sources(self, g: _Graph, q: str, k_t: str, v: str):
+        """(q, k, v as (B, S, D) tensors or one packed (B, S, 3D) tensor, heads), or None."""
+        packed = self._packed(g, q, k_t, v)
+        if packed is not None:
+            return packed
+        heads = [self._split(g, name, perms) for name, perms in
+                 ((q, [[0, 2, 1, 3]]), (k_t, [[0, 2, 3, 1], [0, 2, 1, 3, "T"]]), (v, [[0, 2, 1, 3]]))]
+        if any(h is None for h in heads) or len({h[1] for h in heads}) != 1:
+            return None
+        return [h[0] for h in heads], heads[0][1]
+
+    @staticmethod
+    def _split(g: _Graph, name: str, perms):
+        """(X, heads) where `name` = Transpose(Reshape(X, [.., .., heads, hd])) with one of `perms`
+        (["T" last]: a (0, 1, 3, 2) transpose of the (0, 2, 1, 3) one, as `k.transpose(-1, -2)`)."""
+        node = g.producer.get(name)
+        if node is not None and node.op_type == "Transpose" and _perm(node) == [0, 1, 3, 2] and \
+                any(p[-1:] == ["T"] for p in perms):
+            node, perms = g.producer.get(node.input[0]), [[0, 2, 1, 3]]
+        if node is None or node.op_type != "Transpose" or _perm(node) not in perms:
+            return None
+        reshape = g.producer.get(node.input[0])
+        shape = g.constant(reshape.input[1]) if reshape is not None and reshape.op_type == "Reshape" else None
+        if shape is None or shape.size != 4 or shape[2] <= 0:
+            return None
+        return reshape.input[0], int(shape[2])
+
+    @staticmethod
+    def _packed(g: _Graph, q: str, k_t: str, v: str):
+        """BLIP's packed projection: X (B, S, 3D) -> Reshape (B, S, 3, H, hd) -> Transpose (2, 0, 3, 1, 4),
+        then q, k, v = its [0], [1], [2] (k transposed for the product)."""
+        k_node = g.producer.get(k_t)
+        if k_node is None or k_node.op_type != "Transpose" or _perm(k_node) != [0, 1, 3, 2]:
+            return None
+        picks = [g.producer.get(n) for n in (q, k_node.input[0], v)]
+        if any(p is None or p.op_type != "Gather" or _attr(p, "axis") != 0 for p in picks):
+            return None
+        index = [g.constant(p.input[1]) for p in picks]
+        if any(i is None or i.ndim != 0 for i in index) or [int(i) for i in index] != [0, 1, 2] or \
+                len({p.input[0] for p in picks}) != 1:
+            return None
+        split = g.producer.get(picks[0].input[0])
+        if split is None or split.op_type != "Transpose" or _perm(split) != [2, 0, 3, 1, 4]:
+            return None
+        reshape = g.producer.get(split.input[0])
+        if reshape is None or reshape.op_type != "Reshape":
+            return None
+        shape = g.constant(reshape.input[1])
+        if shape is None:  # a computed shape: its third and fourth entries must still be constants
+            concat = g.producer.get(reshape.input[1])
+            if concat is None or concat.op_type != "Concat" or len(concat.input) != 5:
+                return None
+            shape = [g.constant(concat.input[2]), g.constant(concat.input[3])]
+            if any(s is None or s.size != 1 for s in shape):
+                return None
+            three, heads = (int(np.ravel(s)[0]) for s in shape)
+        else:
+            if shape.size != 5:
+                return None
+            three, heads = int(shape[2]), int(shape[3])
+        if three != 3 or heads <= 0:
+            return None
+        return reshape.input[0], heads
+
+
+def fuse_attention(model) -> int:
+    """Replace each traced self-attention without a mask (Softmax(MatMul(q, k^T) * scale) times v,
+    heads split and merged by Reshape/Transpose) in `model` (a ModelProto) by onnxruntime's
+    com.microsoft MultiHeadAttention over the (B, S, D) projections; returns how many. BLIP's
+    packed QKV projection is split in three first. For onnxruntime variants only (TensorRT does not
+    parse com.microsoft ops).
+
+    The fused kernel runs the heads in parallel with the softmax in place, and does away with the
+    Gathers and Transposes that picked q, k, v out of a packed projection. Other attention shapes
+    (masked, cached, cross) are left as they are."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    g = _Graph(graph)
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    replace: dict[str, list] = {}  # output name -> the nodes that now write it
+    for softmax in graph.node:
+        match = _Attention(g, readers, softmax) if softmax.op_type == "Softmax" else None
+        if match is None or not match.ok:
+            continue
+        sources, heads = match.qkv
+        tag = f"fused_attention_{len(replace)}"
+        nodes = []
+        if isinstance(sources, str):  # packed (B, S, 3D): three equal parts of the last axis
+            if match.width is None:
+                continue
+            sizes = f"{tag}_split"
+            graph.initializer.append(numpy_helper.from_array(np.array([match.width] * 3, np.int64), sizes))
+            parts = [f"{tag}_{part}" for part in ("q", "k", "v")]
+            nodes.append(helper.make_node("Split", [sources, sizes], parts, axis=-1, name=f"{tag}_split"))
+            sources = parts
+        nodes.append(helper.make_node("MultiHeadAttention", sources, [match.output], domain="com.microsoft",
+                                      num_heads=heads, scale=match.scale, name=tag))
+        replace[match.output] = nodes
+    if not replace:
+        return 0
+    out = []
+    for node in graph.node:  # each in the place of the Reshape that wrote the attention's output
+        written = [o for o in node.output if o in replace]
+        out.extend(replace[written[0]] if written else [node])
+    del graph.node[:]
+    graph.node.extend(out)
+    drop_dead_nodes(graph)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(replace)

@@ -93,6 +93,14 @@ def test_variants_are_selected_per_backend(calibrated):
     assert select_module(manifest, "vision", "ort-trt")[0] == "vision@tensorrt"
     assert select_module(manifest, "decoder", "tensorrt")[1].file == "decoder.int8-tensorrt.onnx"
     assert select_module(manifest, "vision", "rocm")[0] == "vision"
+    # onnxruntime's variant runs self-attention as its fused MultiHeadAttention; TensorRT's keeps standard ops
+    import onnx
+
+    written = manifest.quantization["modules"]["vision"]["variants"]
+    layers = sum(n.op_type == "Softmax" for n in onnx.load(str(path / "vision.int8-tensorrt.onnx")).graph.node)
+    assert written["vision"]["fused_attention"] == layers > 0 and "fused_attention" not in written["vision@tensorrt"]
+    ops = [n.op_type for n in onnx.load(str(path / "vision.int8.onnx")).graph.node]
+    assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops
 
 
 def test_a_quantized_bundle_is_refused(calibrated, photos, tmp_path):

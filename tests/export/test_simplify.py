@@ -85,3 +85,37 @@ def test_plain_gemms_become_matmul_plus_add_and_a_transposed_one_stays():
     assert [n.op_type for n in model.graph.node] == ["MatMul", "Add", "Gemm"]
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _fused_twin(path, tmp_path):
+    """The graph at `path` with its self-attentions fused, saved beside it in tmp_path."""
+    from edgerun.export.simplify import fuse_attention
+
+    model = onnx.load(str(path))
+    fused = fuse_attention(model)
+    out = tmp_path / f"fused-{path.name}"
+    onnx.save_model(model, str(out))
+    return fused, model, out
+
+
+@pytest.mark.parametrize("bundle", ["blip_bundle", "multi_bundle"])
+def test_self_attention_fuses_into_one_op_with_the_same_output(bundle, request, tmp_path):
+    """BLIP's packed QKV projection (split in three) and the built-in ViT's separate projections;
+    the decoders' cached and cross attentions are not this pattern and stay."""
+    from edgerun.runtime.onnxrt import session_options
+
+    folder = request.getfixturevalue(bundle)
+    vision = folder / "vision.onnx"
+    layers = sum(n.op_type == "Softmax" for n in onnx.load(str(vision)).graph.node)
+    fused, model, path = _fused_twin(vision, tmp_path)
+    ops = [n.op_type for n in model.graph.node]
+    assert fused == layers == ops.count("MultiHeadAttention") > 0
+    assert "Softmax" not in ops and any(o.domain == "com.microsoft" for o in model.opset_import)
+    heads = {a.i for n in model.graph.node if n.op_type == "MultiHeadAttention" for a in n.attribute if a.name == "num_heads"}
+    assert len(heads) == 1 and heads.pop() > 1
+    shape = [d.dim_value for d in onnx.load(str(vision)).graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal([2] + shape[1:]).astype(np.float32)
+    run = [ort.InferenceSession(str(p), session_options(1), providers=["CPUExecutionProvider"]) for p in (vision, path)]
+    want, got = (s.run(None, {s.get_inputs()[0].name: x})[0] for s in run)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert _fused_twin(folder / "decoder.onnx", tmp_path)[0] == 0  # cached self- and cross-attention stay
