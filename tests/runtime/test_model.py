@@ -226,3 +226,40 @@ def test_mapped_rows_are_fed_and_returned_in_logical_order():
     np.testing.assert_array_equal(history, [[11, 11, 13, 12], [20, 21, 22, 23]])
     with pytest.raises(Exception, match="groups of 3"):
         DecoderInference(_EchoRunner(), {}, 4, 5, {"layers": 1, "heads": 1, "head_dim": 2}, group=3)
+
+
+def test_a_reorder_copies_only_the_steps_where_the_rows_histories_differ():
+    from edgerun.runtime.kvcache import DecoderInference
+
+    inference = DecoderInference(_EchoRunner(), {}, 2, 6, {"layers": 1, "heads": 1, "head_dim": 2}, group=2)
+    for tokens in ([[7], [7]], [[8], [8]], [[1], [2]], [[3], [4]]):  # shared for two steps, then not
+        inference.logits(np.array(tokens))
+    inference.rearrange_kv_cache(np.array([1, 1]))  # both beams continue row 1
+    assert inference.copies == 1 and inference.copied_steps == 2  # steps 0 and 1 were equal already
+    history = inference._key[:4, 0, :, 0, 0][:, inference._phys]  # (time, logical row)
+    np.testing.assert_array_equal(history, [[7, 7], [8, 8], [2, 2], [4, 4]])
+    inference.logits(np.array([[5], [6]]))
+    inference.rearrange_kv_cache(np.array([0, 0]))  # histories differ from step 4 only
+    assert inference.copies == 2 and inference.copied_steps == 3
+    history = inference._key[:5, 0, :, 0, 0][:, inference._phys]
+    np.testing.assert_array_equal(history, [[7, 7], [8, 8], [2, 2], [4, 4], [5, 5]])
+
+
+def test_the_float_decoder_computes_a_row_the_same_wherever_it_sits(blip_bundle):
+    """What the reorder's partial copies rely on for token-exact float captions: equal inputs in
+    rows 0 and 2 of one call give bit-identical logits and K/V."""
+    model = edgerun.load(blip_bundle)
+    runner = model.runner("decoder")
+    rng = np.random.default_rng(3)
+    feeds = {}
+    for spec in runner.inputs:
+        shape = [{"rows": 3, "past": 4, "batch": 1, "new": 1}.get(d, d) for d in spec.shape]
+        feeds[spec.name] = rng.standard_normal(shape).astype(np.float32)
+    feeds["input_ids"] = np.array([[5], [9], [5]])
+    for name in ("past_key", "past_value"):
+        feeds[name][:, :, 2] = feeds[name][:, :, 0]
+    out = runner.infer(feeds)
+    for name in ("logits", "new_key", "new_value"):
+        row = (slice(None), slice(None), 0) if name != "logits" else 0
+        other = (slice(None), slice(None), 2) if name != "logits" else 2
+        np.testing.assert_array_equal(out[name][row], out[name][other])
