@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..manifest import ModuleSpec
 from .blockwise import MIN_ONNXRUNTIME
-from .nodes import HEAD_REASON, Target, find_targets, float_nodes, name_nodes
+from .nodes import HEAD_REASON, Target, calibration_view, find_targets, float_nodes
 from .shared import share_weights
 from .stats import Range
 
@@ -83,7 +83,7 @@ def plan_modules(bundle, patterns, extra_float: Mapping[str, Mapping[str, str]] 
             spec = bundle.module(name)
             path = bundle.file(spec.file)
             graph = onnx.load(str(path), load_external_data=False).graph
-            name_nodes(graph)
+            calibration_view(graph)
             targets = find_targets(graph)
             kept = float_nodes(name, graph, spec.extra.get("role"), targets, patterns, extra_float.get(name, {}))
             plans[name] = ModulePlan(name, spec, path, targets, kept)
@@ -112,7 +112,7 @@ def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, schem
     from .qdq import insert_qdq
 
     model = onnx.load(str(plan.path))
-    name_nodes(model.graph)
+    calibration_view(model.graph)
     count = insert_qdq(model, plan.quantized, ranges, scheme=scheme, per_channel=per_channel, means=means,
                        codes=codes)
     fused = fuse_attention(model) if scheme == "cpu" else 0  # TensorRT parses standard ops only

@@ -203,16 +203,18 @@ def write_decoder(src: Path, dst: Path, targets: Sequence[Target], *, scheme: st
     (MatMulNBits, onnxruntime >= 1.23) or `dynamic` (standard ops, per-channel when `per_channel`)."""
     import onnx
 
-    from .nodes import name_nodes
+    from ..export.simplify import share_tied_head
+    from .nodes import calibration_view
 
     model = onnx.load(str(src))
-    name_nodes(model.graph)
+    calibration_view(model.graph)
     if scheme == "blockwise":
         from .blockwise import quantize_blockwise_weights
 
         count = quantize_blockwise_weights(model, targets)
     else:
         count = quantize_dynamic_weights(model, targets, per_channel=per_channel)
+    share_tied_head(model.graph)  # a head left float and still tied: held once in memory, as exported
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=dst.name + ".data", size_threshold=1024)
     data = dst.with_name(dst.name + ".data")

@@ -94,10 +94,10 @@ def conv_codes(path: Path, targets: Sequence[Target], feeds: Sequence[Mapping[st
     from onnx import numpy_helper
 
     from .collect import augment, session
-    from .nodes import name_nodes
+    from .nodes import calibration_view
 
     model = onnx.load(str(path))
-    name_nodes(model.graph)
+    calibration_view(model.graph)
     nodes = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}
     chosen = []

@@ -48,6 +48,16 @@ class Target:
     axis: int | None
 
 
+def calibration_view(graph) -> None:
+    """The float graph as calibration reads it, in place: a tied LM head reads the embedding table
+    as its weight initializer again (export feeds it through a Reshape, `share_tied_head`) and
+    every node has a name."""
+    from ..export.simplify import tied_head_weight
+
+    tied_head_weight(graph)
+    name_nodes(graph)
+
+
 def name_nodes(graph) -> None:
     """Give every unnamed node a unique name (patterns, reports and exclusions refer to names)."""
     used = {n.name for n in graph.node if n.name}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .collect import session
-from .nodes import Target, name_nodes
+from .nodes import Target, calibration_view
 from .qdq import insert_qdq
 from .stats import Range
 
@@ -48,7 +48,7 @@ def module_sensitivity(module: str, path: Path, targets: Sequence[Target], range
     if not probes or not targets:
         return []
     base = onnx.load(str(path), load_external_data=False)
-    name_nodes(base.graph)
+    calibration_view(base.graph)
     reference = _outputs(session(base.SerializeToString(), path.parent, threads), probes, outputs)
     errors = []
     for i, target in enumerate(targets):

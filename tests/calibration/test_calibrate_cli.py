@@ -73,6 +73,7 @@ def test_int8_head_quantizes_the_tied_lm_head_of_the_cpu_variant(blip_bundle, im
     import onnx
 
     import edgerun
+    from edgerun.export.simplify import tied_head_weight
 
     out = tmp_path / "int8-head"
     result = CliRunner().invoke(calibrate, [str(blip_bundle), "--data", str(images), "-o", str(out),
@@ -86,6 +87,7 @@ def test_int8_head_quantizes_the_tied_lm_head_of_the_cpu_variant(blip_bundle, im
     assert entry["extra"].get("requires") == ({"onnxruntime": "1.23"} if scheme == "blockwise" else None)
     cpu = onnx.load(str(out / entry["file"]), load_external_data=False).graph
     source = onnx.load(str(blip_bundle / "decoder.onnx"), load_external_data=False).graph
+    assert tied_head_weight(source) == 1  # the exported head reads the table through a Reshape
     gathered = {n.input[0] for n in source.node if n.op_type == "Gather"}
     head = next(n.input[1] for n in source.node if n.op_type == "Gemm" and n.input[1] in gathered)  # tied table
     tables = {i.name: i.data_type for i in cpu.initializer}

@@ -88,12 +88,12 @@ def test_a_decoder_rewritten_blockwise_follows_the_float_one(blip_bundle, tmp_pa
     import json
 
     from edgerun.calibration.decoder import write_decoder
-    from edgerun.calibration.nodes import find_targets, name_nodes
+    from edgerun.calibration.nodes import calibration_view, find_targets
 
     spec = json.loads((blip_bundle / "manifest.json").read_text())["modules"]["decoder"]
     path = blip_bundle / spec["file"]
     graph = onnx.load(str(path), load_external_data=False).graph
-    name_nodes(graph)
+    calibration_view(graph)  # the tied head's table as its weight: a target like the other layers
     targets = find_targets(graph)
     assert write_decoder(path, tmp_path / "d.onnx", targets, scheme="blockwise") == len(targets)
     rewritten = onnx.load(str(tmp_path / "d.onnx"), load_external_data=False)

@@ -14,10 +14,10 @@ def decoder(blip_bundle):
 
 
 def _targets(path):
-    from edgerun.calibration.nodes import default_float, find_targets, name_nodes
+    from edgerun.calibration.nodes import calibration_view, default_float, find_targets
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    name_nodes(graph)
+    calibration_view(graph)
     targets = find_targets(graph)
     return targets, default_float(graph, "decoder", targets)
 

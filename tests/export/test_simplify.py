@@ -119,3 +119,31 @@ def test_self_attention_fuses_into_one_op_with_the_same_output(bundle, request, 
     want, got = (s.run(None, {s.get_inputs()[0].name: x})[0] for s in run)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     assert _fused_twin(folder / "decoder.onnx", tmp_path)[0] == 0  # cached self- and cross-attention stay
+
+
+def test_the_tied_head_reads_the_one_table_through_a_reshape(blip_bundle, tmp_path):
+    """Exported: the LM head's weight is the embedding table behind a run-time Reshape (onnxruntime
+    would prepack a second copy of a constant weight); tied_head_weight undoes it; same logits."""
+    from edgerun.export.simplify import tied_head_weight
+    from edgerun.runtime.onnxrt import session_options
+
+    path = blip_bundle / "decoder.onnx"
+    model = onnx.load(str(path))
+    graph = model.graph
+    tables = {n.input[0] for n in graph.node if n.op_type == "Gather"} & {i.name for i in graph.initializer}
+    head = next(n for n in graph.node if n.op_type == "Gemm" and n.output[0] == "logits")
+    assert head.input[1] not in tables  # read through the Reshape, not as a constant weight
+    reshape = next(n for n in graph.node if head.input[1] in n.output)
+    assert reshape.op_type == "Reshape" and reshape.input[0] in tables
+    assert tied_head_weight(graph) == 1 and head.input[1] == reshape.input[0]
+    assert not any(n.op_type == "Reshape" and n.input[0] in tables for n in graph.node)
+    undone = tmp_path / "undone.onnx"
+    onnx.save_model(model, str(undone))
+    rng = np.random.default_rng(0)
+    run = [ort.InferenceSession(str(p), session_options(1), providers=["CPUExecutionProvider"]) for p in (path, undone)]
+    feeds = {}
+    for i in run[0].get_inputs():
+        shape = [{"rows": 2, "new": 1, "past": 3, "batch": 1}.get(d, d) for d in i.shape]
+        feeds[i.name] = rng.integers(1, 50, shape) if i.type == "tensor(int64)" else rng.standard_normal(shape).astype(np.float32)
+    want, got = (s.run(["logits"], feeds)[0] for s in run)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
