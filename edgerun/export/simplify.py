@@ -99,9 +99,8 @@ def drop_dead_nodes(graph) -> int:
     del graph.node[:]
     graph.node.extend(keep)
     needed.update(v.name for v in graph.input)  # an initializer that is also an input stays
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
+    for tensor in [t for t in graph.initializer if t.name not in needed]:
+        graph.initializer.remove(tensor)  # in place: rebuilding the list would copy every weight held
     return removed
 
 
