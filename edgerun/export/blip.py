@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.families.layers import beam_context, beam_queries, cached_attention, shared_kv_attention, step_dims
+from ..models.families.layers import (
+    beam_context,
+    beam_queries,
+    cached_attention,
+    shared_kv_attention,
+    step_dims,
+)
 from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
@@ -104,8 +110,8 @@ class BlipDecoderGraph(nn.Module):
     def _self_attention(self, attention, x, past_k, past_v, future, dims):
         a = attention.self
         q, k, v = self._heads(a.query(x)), self._heads(a.key(x)), self._heads(a.value(x))
-        ctx = cached_attention(q, k, v, past_k, past_v, future, float("-inf"), divisor=math.sqrt(self.head_dim),
-                               dims=dims)
+        ctx = cached_attention(q, k, v, past_k, past_v, future, float("-inf"), dims,
+                               divisor=math.sqrt(self.head_dim))
         ctx = ctx.transpose(1, 2)
         ctx = ctx.reshape(ctx.shape[0], ctx.shape[1], -1)  # its own dims: a constant shape (simplify.py)
         return attention.output(ctx, x), k, v
@@ -113,9 +119,9 @@ class BlipDecoderGraph(nn.Module):
     def _cross_attention(self, attention, x, cross_k, cross_v, dims, hidden_mask=None):
         # (R, T, D) -> (B, H, beams, T, hd) against K/V (B, H, 1, N, hd): the beams of one image
         # share its K/V (see beam_queries).
-        q = beam_queries(attention.self.query(x), dims.batch, self.n_heads, dims)
+        q = beam_queries(attention.self.query(x), self.n_heads, dims)
         ctx = shared_kv_attention(q, cross_k, cross_v, hidden_mask, float("-inf"), divisor=math.sqrt(self.head_dim))
-        return attention.output(beam_context(ctx, dims.rows, dims), x)
+        return attention.output(beam_context(ctx, dims), x)
 
 
 class BlipCaptionExporter(EncoderDecoderExporter):

@@ -164,7 +164,8 @@ class _Attention:
             return
         merge = after[0]
         last = readers.get(merge.output[0], [])
-        if merge.op_type != "Transpose" or _perm(merge) != [0, 2, 1, 3] or len(last) != 1 or last[0].op_type != "Reshape":
+        if merge.op_type != "Transpose" or _perm(merge) != [0, 2, 1, 3] or len(last) != 1 or \
+                last[0].op_type != "Reshape":
             return
         self.output = last[0].output[0]  # (B, S, D): what the fused op writes
         shape = g.constant(last[0].input[1])
@@ -177,21 +178,23 @@ class _Attention:
         packed = self._packed(g, q, k_t, v)
         if packed is not None:
             return packed
-        heads = [self._split(g, name, perms) for name, perms in
-                 ((q, [[0, 2, 1, 3]]), (k_t, [[0, 2, 3, 1], [0, 2, 1, 3, "T"]]), (v, [[0, 2, 1, 3]]))]
+        heads = [self._split(g, name, key) for name, key in ((q, False), (k_t, True), (v, False))]
         if any(h is None for h in heads) or len({h[1] for h in heads}) != 1:
             return None
         return [h[0] for h in heads], heads[0][1]
 
     @staticmethod
-    def _split(g: _Graph, name: str, perms):
-        """(X, heads) where `name` = Transpose(Reshape(X, [.., .., heads, hd])) with one of `perms`
-        (["T" last]: a (0, 1, 3, 2) transpose of the (0, 2, 1, 3) one, as `k.transpose(-1, -2)`)."""
-        node = g.producer.get(name)
-        if node is not None and node.op_type == "Transpose" and _perm(node) == [0, 1, 3, 2] and \
-                any(p[-1:] == ["T"] for p in perms):
-            node, perms = g.producer.get(node.input[0]), [[0, 2, 1, 3]]
-        if node is None or node.op_type != "Transpose" or _perm(node) not in perms:
+    def _split(g: _Graph, name: str, key: bool):
+        """(X, heads) where `name` = Transpose(Reshape(X, [.., .., heads, hd]), perm (0, 2, 1, 3)); the
+        key, transposed for the product, has perm (0, 2, 3, 1), or a (0, 1, 3, 2) Transpose after the
+        (0, 2, 1, 3) one (`k.transpose(-1, -2)`)."""
+        node, perm = g.producer.get(name), [0, 2, 1, 3]
+        if key and node is not None and node.op_type == "Transpose":
+            if _perm(node) == [0, 1, 3, 2]:
+                node = g.producer.get(node.input[0])
+            else:
+                perm = [0, 2, 3, 1]
+        if node is None or node.op_type != "Transpose" or _perm(node) != perm:
             return None
         reshape = g.producer.get(node.input[0])
         shape = g.constant(reshape.input[1]) if reshape is not None and reshape.op_type == "Reshape" else None

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.families.layers import beam_context, beam_queries, cached_attention, shared_kv_attention, step_dims
+from ..models.families.layers import (
+    beam_context,
+    beam_queries,
+    cached_attention,
+    shared_kv_attention,
+    step_dims,
+)
 from .encdec import EncoderDecoderExporter, cross_names, decoder_dims
 
 
@@ -88,7 +94,8 @@ class Gpt2DecoderGraph(nn.Module):
         future = torch.arange(past + t, device=input_ids.device)[None, :] > keys.transpose(0, 1)
         new_keys, new_values = [], []
         for i, block in enumerate(tr.h):
-            attn, k, v = self._self_attention(block.attn, block.ln_1(x), past_key[:, i], past_value[:, i], future, dims)
+            attn, k, v = self._self_attention(block.attn, block.ln_1(x), past_key[:, i], past_value[:, i], future,
+                                              dims)
             x = x + attn
             new_keys.append(k)
             new_values.append(v)
@@ -104,15 +111,15 @@ class Gpt2DecoderGraph(nn.Module):
         """x (R, T, D) after ln_1; past_k/past_v (P, R, H, hd) -> (output, k, v), k/v (R, H, T, hd)."""
         q, k, v = attn.c_attn(x).split(attn.embed_dim, dim=2)
         q, k, v = _heads(q, self.n_heads), _heads(k, self.n_heads), _heads(v, self.n_heads)
-        ctx = cached_attention(q, k, v, past_k, past_v, future, float("-inf"), scale=attn.scaling,
-                               dims=dims).transpose(1, 2)
+        ctx = cached_attention(q, k, v, past_k, past_v, future, float("-inf"), dims,
+                               scale=attn.scaling).transpose(1, 2)
         return attn.c_proj(ctx.reshape(ctx.shape[0], ctx.shape[1], -1)), k, v  # own dims: a constant shape
 
     def _cross_attention(self, attn, x, cross_k, cross_v, dims):
         """x (R, T, D) after ln_cross_attn; the beams of one image share its cross_k/cross_v (B, H, N, hd)."""
         # (R, T, D) -> (B, H, beams, T, hd) against K/V (B, H, 1, N, hd)
-        q = beam_queries(attn.q_attn(x), dims.batch, self.n_heads, dims)
-        return attn.c_proj(beam_context(shared_kv_attention(q, cross_k, cross_v, scale=attn.scaling), dims.rows, dims))
+        q = beam_queries(attn.q_attn(x), self.n_heads, dims)
+        return attn.c_proj(beam_context(shared_kv_attention(q, cross_k, cross_v, scale=attn.scaling), dims))
 
 
 def _check_layout(model) -> None:

@@ -89,8 +89,8 @@ class DecoderStepGraph(nn.Module):
             h = block.ln_self(x)
             a = block.self_attn
             q, k, v = (split_heads(proj(h), a.heads) for proj in (a.query, a.key, a.value))
-            ctx = cached_attention(q, k, v, past_key[:, i], past_value[:, i], ~allowed, NEG,
-                                   divisor=math.sqrt(a.query.out_features // a.heads), dims=dims)
+            ctx = cached_attention(q, k, v, past_key[:, i], past_value[:, i], ~allowed, NEG, dims,
+                                   divisor=math.sqrt(a.query.out_features // a.heads))
             x = x + a.out(merge_heads(ctx))
             new_keys.append(k)
             new_values.append(v)
@@ -105,10 +105,11 @@ class DecoderStepGraph(nn.Module):
 
     def _cross(self, attn, x, cross_k, cross_v, allowed, dims):
         # (R, T, D) -> (B, H, beams, T, hd): the beams of one image share its K/V (B, H, 1, M, hd).
-        q = beam_queries(attn.query(x), dims.batch, self.heads, dims)
+        q = beam_queries(attn.query(x), self.heads, dims)
         blocked = None if allowed is None else ~allowed.unsqueeze(2)
-        ctx = shared_kv_attention(q, cross_k, cross_v, blocked, divisor=math.sqrt(attn.query.out_features // attn.heads))
-        return attn.out(beam_context(ctx, dims.rows, dims))
+        head_dim = attn.query.out_features // attn.heads
+        ctx = shared_kv_attention(q, cross_k, cross_v, blocked, divisor=math.sqrt(head_dim))
+        return attn.out(beam_context(ctx, dims))
 
 
 class QuestionGraph(nn.Module):

@@ -58,9 +58,8 @@ def step_dims(input_ids: torch.Tensor, past_key: torch.Tensor, cross_key: torch.
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
-                     past_v: torch.Tensor, blocked: torch.Tensor | None, fill: float, *,
-                     scale: float | None = None, divisor: float | None = None,
-                     dims: StepDims | None = None) -> torch.Tensor:
+                     past_v: torch.Tensor, blocked: torch.Tensor | None, fill: float, dims: StepDims, *,
+                     scale: float | None = None, divisor: float | None = None) -> torch.Tensor:
     """Self-attention of the new tokens over the cache and themselves, without concatenating K/V.
 
     q, k, v : (R, H, T, hd), the new tokens; past_k, past_v : (P, R, H, hd), one layer of the
@@ -69,7 +68,7 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: 
     the scores are multiplied by `scale` or divided by `divisor`, as the source model does it.
     Only the scores (R, H, T, P + T) are concatenated, and the context is the sum of the past's and
     the new tokens' parts: a step copies no layer's K/V. -> (R, H, T, hd)"""
-    n_past = past_k.shape[0] if dims is None else dims.past
+    n_past = dims.past
     scores = torch.cat([torch.matmul(q, past_k.permute(1, 2, 3, 0)), torch.matmul(q, k.transpose(-1, -2))], dim=-1)
     scores = scores / divisor if divisor is not None else scores * scale
     if blocked is not None:
@@ -91,24 +90,19 @@ def shared_kv_attention(q: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.T
     return torch.matmul(scores.softmax(dim=-1), cross_v.unsqueeze(2))
 
 
-def beam_queries(q: torch.Tensor, batch: int, heads: int, dims: StepDims | None = None) -> torch.Tensor:
+def beam_queries(q: torch.Tensor, heads: int, dims: StepDims) -> torch.Tensor:
     """Cross-attention queries (R, T, D), R = batch * beams, batch-major -> (B, H, beams, T, hd).
 
     With the image's keys and values as (B, H, 1, N, hd), every (head, beam) pair is a matrix-vector
     product against the same K/V, one beam after another while that head's K/V is still in cache:
     onnxruntime ran BLIP-base's cross-attention 1.7x faster this way than as one (beams*T)-row
     matrix product per head, which repacks the whole K/V on every call."""
-    if dims is not None:
-        return q.view(dims.batch, dims.beams, dims.new, heads, -1).permute(0, 3, 1, 2, 4)
-    rows, t, _ = q.shape
-    return q.view(batch, rows // batch, t, heads, -1).permute(0, 3, 1, 2, 4)
+    return q.view(dims.batch, dims.beams, dims.new, heads, -1).permute(0, 3, 1, 2, 4)
 
 
-def beam_context(ctx: torch.Tensor, rows: int, dims: StepDims | None = None) -> torch.Tensor:
+def beam_context(ctx: torch.Tensor, dims: StepDims) -> torch.Tensor:
     """The attention output (B, H, beams, T, hd) -> (R, T, H * hd), R = batch * beams."""
-    if dims is not None:
-        return ctx.permute(0, 2, 3, 1, 4).reshape(dims.rows, dims.new, -1)
-    return ctx.permute(0, 2, 3, 1, 4).reshape(rows, ctx.shape[3], -1)
+    return ctx.permute(0, 2, 3, 1, 4).reshape(dims.rows, dims.new, -1)
 
 
 def key_mask(mask: torch.Tensor) -> torch.Tensor:
