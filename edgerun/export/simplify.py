@@ -313,10 +313,11 @@ def share_tied_head(graph) -> int:
     for name, value in constants.items():
         if name not in inits:
             graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
-    out = []
+    out, done = [], 0
     for node in graph.node:
         if any(node is h for h in heads):
-            tag = f"tied_head_{sum(1 for n in out if n.op_type == 'Reshape' and n.name.startswith('tied_head_'))}"
+            tag = f"tied_head_{done}"
+            done += 1
             out += [helper.make_node("Shape", [node.input[0]], [f"{tag}_input_shape"], name=f"{tag}_shape"),
                     helper.make_node("Slice", [f"{tag}_input_shape", "tied_head_start", "tied_head_end"],
                                      [f"{tag}_width"], name=f"{tag}_width"),
