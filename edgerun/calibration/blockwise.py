@@ -30,7 +30,7 @@ from .decoder import _ranks, apply_rewrite, rewritable
 from .nodes import Target
 
 MIN_ONNXRUNTIME = "1.23"  # 8-bit GatherBlockQuantized (the tied embedding)
-BLOCKS = (128, 64, 32, 16)  # MatMulNBits block sizes, largest first
+BLOCKS = (256, 128, 64, 32, 16)  # MatMulNBits block sizes, largest first
 ACCURACY_LEVEL = 4  # int8 activations, per block
 
 
@@ -160,6 +160,79 @@ def quantize_blockwise_weights(model, targets: Sequence[Target]) -> int:
     for t in chosen.values():  # tables first: a tied embedding is read before its head
         rw.table(t)
     apply_rewrite(graph, chosen, rw)
+    merge_parallel(model)
     if chosen and not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(chosen)
+
+
+def _nbits_key(node) -> tuple | None:
+    """What MatMulNBits nodes must share to be one product: the input and every attribute but N."""
+    from onnx import helper
+
+    if node.op_type != "MatMulNBits" or len(node.input) != 3:
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return (node.input[0], *(attrs.get(k) for k in ("K", "bits", "block_size", "accuracy_level")))
+
+
+def merge_parallel(model) -> int:
+    """Merge MatMulNBits products of the same input (a self-attention's query, key and value) into
+    one, its output split back into the original tensors; returns how many products were removed.
+
+    A decode step multiplies three rows by each table, and onnxruntime's 8-bit kernel spends a
+    fixed cost per call: BLIP-base's three 768x768 projections of a layer ran in 1.24 ms as 36
+    calls and 1.00 ms as 12 calls of 768x2304 (interleaved, 40 rounds; 2-core x86 test machine).
+    The tables are concatenated along N, so every output column is the same product as before.
+    Only tables read by nothing else are merged (a tied table stays one copy)."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    groups: dict[tuple, list] = {}
+    for node in graph.node:
+        key = _nbits_key(node)
+        if key is not None and all(readers.get(x) == 1 for x in node.input[1:]):
+            groups.setdefault(key, []).append(node)
+    groups = {k: g for k, g in groups.items() if len(g) > 1}
+    if not groups:
+        return 0
+    inits = {i.name: i for i in graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    first = {id(g[0]): g for g in groups.values()}
+    merged = {id(n) for g in groups.values() for n in g}
+    nodes, removed = [], 0
+    for node in graph.node:
+        group = first.get(id(node))
+        if group is None:
+            if id(node) not in merged:
+                nodes.append(node)
+            continue
+        widths = [next(a.i for a in n.attribute if a.name == "N") for n in group]
+        tables = [numpy_helper.to_array(inits[n.input[1]]) for n in group]
+        scales = [numpy_helper.to_array(inits[n.input[2]]) for n in group]
+        base = group[0].name
+        b, s, product = f"{base}_merged_q8", f"{base}_merged_q8_scales", f"{base}_merged"
+        graph.initializer.extend([numpy_helper.from_array(np.concatenate(tables), b),
+                                  numpy_helper.from_array(np.concatenate(scales), s)])
+        for n in group:
+            for name in n.input[1:]:
+                graph.initializer.remove(inits.pop(name))
+        attrs = {a.name: helper.get_attribute_value(a) for a in group[0].attribute}
+        attrs["N"] = sum(widths)
+        nodes.append(helper.make_node("MatMulNBits", [group[0].input[0], b, s], [product], name=base + "_merged",
+                                      domain="com.microsoft", **attrs))
+        outputs = [n.output[0] for n in group]
+        if opset >= 13:
+            split = f"{base}_merged_widths"
+            graph.initializer.append(numpy_helper.from_array(np.array(widths, np.int64), split))
+            nodes.append(helper.make_node("Split", [product, split], outputs, name=base + "_split", axis=-1))
+        else:
+            nodes.append(helper.make_node("Split", [product], outputs, name=base + "_split", axis=-1, split=widths))
+        removed += len(group) - 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return removed

@@ -9,6 +9,7 @@ from edgerun.calibration.blockwise import (
     block_size,
     decoder_scheme,
     dequantize_blocks,
+    merge_parallel,
     quantize_blocks,
     quantize_blockwise_weights,
     supported,
@@ -23,7 +24,7 @@ def test_blocks_round_to_half_a_step_and_pad_what_does_not_divide():
     w[1, :16] = 0.0  # a zero block: scale 1, values 0
     w[2, 3] = 50.0  # an outlier only widens its own block's step
     block = block_size(40)
-    assert block == 16 and block_size(768) == 128 and block_size(96) == 32
+    assert block == 16 and block_size(768) == 256 and block_size(640) == 128 and block_size(96) == 32
     q, scales = quantize_blocks(w, block)
     assert q.dtype == np.uint8 and q.shape == (5, 3, 16) and scales.shape == (5, 3)
     assert scales[1, 0] == 1.0 and np.all(q[1, 0] == 128)
@@ -86,6 +87,7 @@ def test_the_tied_table_is_one_uint8_copy_the_gather_and_the_head_both_read():
 
 def test_a_decoder_rewritten_blockwise_follows_the_float_one(blip_bundle, tmp_path):
     import json
+    from collections import Counter
 
     from edgerun.calibration.decoder import write_decoder
     from edgerun.calibration.nodes import calibration_view, find_targets
@@ -98,7 +100,11 @@ def test_a_decoder_rewritten_blockwise_follows_the_float_one(blip_bundle, tmp_pa
     assert write_decoder(path, tmp_path / "d.onnx", targets, scheme="blockwise") == len(targets)
     rewritten = onnx.load(str(tmp_path / "d.onnx"), load_external_data=False)
     ops = [nd.op_type for nd in rewritten.graph.node]
-    assert ops.count("MatMulNBits") == len(targets) and "MatMulInteger" not in ops
+    readers = Counter(t.activation for t in targets)
+    merged = [nd for nd in rewritten.graph.node if nd.name.endswith("_merged")]
+    assert len(merged) == sum(c > 1 for c in readers.values()) > 0
+    assert all("query" in nd.name and nd.output[0] not in readers for nd in merged)  # each self-attention's q, k, v
+    assert ops.count("MatMulNBits") == len(readers) and "MatMulInteger" not in ops
     assert any(o.domain == "com.microsoft" for o in rewritten.opset_import)
     rng = np.random.default_rng(0)
     feeds = {}
@@ -171,3 +177,55 @@ def test_gpt2_style_gemms_without_transb_are_quantized_too(scheme):
     assert "Gemm" not in {n.op_type for n in model.graph.node}
     got = _session(model).run(None, {"x": x})[0]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.03
+
+
+def _parallel_graph(widths=(24, 24, 40), hidden=64):
+    """x -> LayerNorm-free q/k/v: three MatMuls of one input (and a fourth reading their sum)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    ws = [(rng.standard_normal((hidden, w)) * 0.1).astype(np.float32) for w in widths]
+    down = (rng.standard_normal((widths[0], hidden)) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"proj{i}") for i in range(len(widths))]
+    nodes += [helper.make_node("Add", ["y0", "y1"], ["s"], name="sum"),
+              helper.make_node("MatMul", ["s", "down"], ["z"], name="down")]
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y0", "y1", "y2", "z")]
+    graph = helper.make_graph(nodes, "parallel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", hidden])],
+                              outs, [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)]
+                              + [numpy_helper.from_array(down, "down")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_products_of_one_input_are_merged_into_one_with_the_same_outputs(monkeypatch):
+    from edgerun.calibration import blockwise
+    from edgerun.calibration.nodes import find_targets
+
+    x = {"x": np.random.default_rng(3).standard_normal((3, 64)).astype(np.float32)}
+    separate, merged = _parallel_graph(), _parallel_graph()
+    with monkeypatch.context() as m:
+        m.setattr(blockwise, "merge_parallel", lambda model: 0)
+        assert quantize_blockwise_weights(separate, find_targets(separate.graph)) == 4
+    assert quantize_blockwise_weights(merged, find_targets(merged.graph)) == 4
+    ops = [n.op_type for n in merged.graph.node]
+    assert ops.count("MatMulNBits") == 2 and ops.count("Split") == 1  # proj0-2 as one, down alone
+    product = next(n for n in merged.graph.node if n.name.endswith("_merged"))
+    assert next(a.i for a in product.attribute if a.name == "N") == 24 + 24 + 40
+    assert not {"w0_q8", "w1_q8", "w2_q8"} & {i.name for i in merged.graph.initializer}  # the tables held once
+    for got, want in zip(_session(merged).run(None, x), _session(separate).run(None, x)):
+        np.testing.assert_array_equal(got, want)  # each column is the same product as before
+
+
+def test_a_table_read_elsewhere_is_not_merged():
+    from onnx import helper
+
+    model, _ = _tied_graph()
+    from edgerun.calibration.nodes import find_targets
+
+    quantize_blockwise_weights(model, find_targets(model.graph))
+    # the head reads the tied table, the Gather too: and a second product of the head's input would
+    # have to copy the table into a merged one, so it stays on its own
+    head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1] == "emb_q8")
+    model.graph.node.append(helper.make_node("MatMulNBits", [head.input[0], "emb_q8", head.input[2]], ["again"],
+                                             domain="com.microsoft", **{a.name: helper.get_attribute_value(a)
+                                                                        for a in head.attribute}))
+    assert merge_parallel(model) == 0
