@@ -32,7 +32,7 @@ import click
 @click.option("--int8-head", is_flag=True, help="decoders' onnxruntime variant: quantize the LM head too (the tied "
               "embedding stays one int8 table); the held-out comparison tells what it cost")
 @click.option("--decoder-int8", type=click.Choice(["auto", "blockwise", "dynamic"]), default="auto", show_default=True,
-              help="decoders' onnxruntime variant: blockwise (MatMulNBits, 8-bit weights in blocks of 128; "
+              help="decoders' onnxruntime variant: blockwise (MatMulNBits, 8-bit weights in blocks of up to 256; "
                    "onnxruntime >= 1.23) or dynamic (standard ops); auto: blockwise with onnxruntime >= 1.23 on x86-64")
 @click.option("--variants", default="cpu,tensorrt", show_default=True,
               help="INT8 variants to write: cpu (onnxruntime) and tensorrt (symmetric Q/DQ); 'cpu' alone "

@@ -471,7 +471,7 @@ class _Job:
                        variants=list(o.variants),
                        decoder_samples=min(self.used, o.decoder_samples),
                        activations={"cpu": "uint8 asymmetric (decoders: int8 quantized at run time)",
-                                    build.TRT_TAG: "int8 symmetric"})
+                                    build.TRT_TAG: "int8 symmetric (never-negative convolution inputs centred)"})
             if o.method == "auto":
                 out["auto_method"] = {"candidates": list(CANDIDATES), "criterion": "least int8 quantization MSE"}
             if o.method in ("auto", "percentile"):
