@@ -16,15 +16,18 @@ shift is added back to the bias. On EfficientNet-Lite0, whose depthwise kernels 
 centre tap, INT8 weights alone gave its logits a relative error of 0.124 and 0.045 corrected.
 
 Centred activations (the symmetric scheme): a tensor that is never negative (a ReLU or ReLU6
-output) would use only codes 0..127 of a zero-point-0 int8 scale, twice the step uint8 gives it.
-Where every quantized reader is a convolution, the tensor is quantized as x - c, c the middle of its
-range, over all 255 codes; each convolution adds c * sum(Wq) (its dequantized weights) to its bias,
-so W (x - c) + c sum(W) = W x exactly, and reads its padding from a Pad of value -c placed before the
-QuantizeLinear (padding x with zeros is padding x - c with -c):
+output) would use only codes 0..127 of a zero-point-0 int8 scale, twice the step uint8 gives it; a
+GELU output (-0.17 up) nearly as few. Where a range is that lopsided (its symmetric step at least
+CENTRE_GAIN times the centred one) and every quantized reader is a convolution, a MatMul or a plain
+Gemm with a constant weight, the tensor is quantized as x - c, c the middle of its range, over all
+255 codes, and each reader adds c * sum(Wq) (its dequantized weights, summed over the inputs) to
+its output: W (x - c) + c sum(W) = W x exactly. A convolution or Gemm takes it into its bias, a
+MatMul gets an Add; a padded convolution reads a Pad of value -c placed before the QuantizeLinear
+(padding x with zeros is padding x - c with -c):
 
     x -> Sub(c) -> [Pad(-c), the conv's pads] -> QuantizeLinear -> DequantizeLinear -> Conv(pads 0)
 
-Standard ops only, Q/DQ still straight in front of the convolution as TensorRT fuses it.
+Standard ops only, Q/DQ still straight in front of the layer as TensorRT fuses it.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from .stats import Range
 
 SCHEMES = ("tensorrt", "cpu")
 _MIN_OPSET = 13  # per-axis DequantizeLinear
+CENTRE_GAIN = 1.25  # centre a tensor whose symmetric step is at least this times its centred step
 
 
 def opset(model) -> int:
@@ -102,25 +106,27 @@ class _Builder:
         return self.made[tensor][0]
 
     def centred(self, tensor: str, r: Range, pads: Sequence[int]) -> str:
-        """`tensor` - c, padded by `pads` with -c, quantized symmetrically over [-c, c]; c = r.high / 2."""
+        """`tensor` - c, padded by `pads` with -c, quantized symmetrically over [-h, h]; c and h the
+        middle and half-width of [r.low, r.high]."""
         from onnx import helper
 
         key = f"{tensor}_centred" + ("_pad" + "_".join(map(str, pads)) if any(pads) else "")
         if key not in self.made:
-            c = np.float32(r.high / 2)
+            c, half = centre(r)
             nodes = []
-            if f"{tensor}_centred" not in self.made:
-                shift = self._const(np.array(c, np.float32), f"{tensor}_centre")
+            made_sub = f"{tensor}\0sub"  # the Sub is made once, with the first of its Q/DQ pairs
+            if made_sub not in self.made:
+                shift = self._const(c, f"{tensor}_centre")
                 nodes.append(helper.make_node("Sub", [tensor, shift], [f"{tensor}_centred"], name=f"{tensor}_Centre"))
-                self.made[f"{tensor}_centred"] = (f"{tensor}_centred", [])
+                self.made[made_sub] = (f"{tensor}_centred", [])
             source = f"{tensor}_centred"
             if any(pads):
-                half = len(pads) // 2  # ONNX Conv pads: begins then ends of the spatial axes
-                width = self._const(np.array([0, 0, *pads[:half], 0, 0, *pads[half:]], np.int64), f"{key}_pads")
+                n = len(pads) // 2  # ONNX Conv pads: begins then ends of the spatial axes
+                width = self._const(np.array([0, 0, *pads[:n], 0, 0, *pads[n:]], np.int64), f"{key}_pads")
                 fill = self._const(np.array(-c, np.float32), f"{key}_fill")
                 nodes.append(helper.make_node("Pad", [source, width, fill], [key], name=f"{key}_Pad", mode="constant"))
                 source = key
-            scale = self._const(np.array(max(float(c), 1e-8) / 127.0, np.float32), f"{key}_scale")
+            scale = self._const(np.array(max(half, 1e-8) / 127.0, np.float32), f"{key}_scale")
             zero = self._const(np.array(0, np.int8), f"{key}_zero_point")
             q, dq = f"{key}_quantized", f"{key}_dequantized"
             nodes += [helper.make_node("QuantizeLinear", [source, scale, zero], [q], name=f"{key}_QuantizeLinear"),
@@ -173,10 +179,14 @@ class _Builder:
         bias = self.to_array(self.inits[node.input[2]], self.base_dir).astype(np.float32)
         return (bias + shift).astype(np.float32)
 
-    def centre_term(self, t: Target, c: float) -> np.ndarray:
-        """c * sum(Wq) per output channel: what a convolution of x - c misses of one of x."""
+    def centre_term(self, node, t: Target, c: float) -> np.ndarray:
+        """c * sum(Wq) per output channel: what a layer fed x - c misses of its output for x."""
         _, wq = self.rounded(t)
-        return (np.float64(c) * wq.astype(np.float64).sum(axis=(1, 2, 3))).astype(np.float32)
+        if t.op == "Conv":
+            inputs = tuple(range(1, wq.ndim))  # (Cout, Cin/g, k...)
+        else:  # MatMul (K, N); Gemm (N, K) with transB
+            inputs = (1,) if t.op == "Gemm" and _attr(node, "transB", 0) else (0,)
+        return (np.float64(c) * wq.astype(np.float64).sum(axis=inputs)).astype(np.float32)
 
     def take(self, tensor: str) -> list:
         """The nodes that make `tensor`'s dequantized copy, the first time they are needed."""
@@ -196,6 +206,8 @@ def insert_qdq(model, targets: Sequence[Target], ranges: Mapping[str, Range], *,
     gives): weights rounded elsewhere (gptq.py) instead of to their nearest level."""
     if scheme not in SCHEMES:
         raise OptionError(f"unknown Q/DQ scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
+    from onnx import helper
+
     if opset(model) < _MIN_OPSET:
         raise OptionError(f"INT8 Q/DQ needs opset {_MIN_OPSET} or newer, this model has opset {opset(model)}; "
                           "re-export the bundle with --opset 17")
@@ -208,13 +220,13 @@ def insert_qdq(model, targets: Sequence[Target], ranges: Mapping[str, Range], *,
     centred = centred_tensors(graph, targets, ranges) if scheme == "tensorrt" else set()
     nodes, replaced = [], set()
     for node in graph.node:
-        t = by_node.get(node.name)
+        t, after = by_node.get(node.name), []
         if t is not None:
             r = ranges[t.activation]
             if t.activation in centred:
                 pads = _conv_pads(node)
                 key = b.centred(t.activation, r, pads)
-                nodes += b.take(f"{t.activation}_centred") + b.take(key)
+                nodes += b.take(key)
                 act = b.made[key][0]
                 if any(pads):
                     _set_ints(node, "pads", [0] * len(pads))
@@ -226,19 +238,29 @@ def insert_qdq(model, targets: Sequence[Target], ranges: Mapping[str, Range], *,
             mean = (means or {}).get(t.activation)
             bias = b.corrected_bias(node, t, mean) if mean is not None else None
             if t.activation in centred:
-                if bias is None:
-                    bias = (b.to_array(b.inits[node.input[2]], b.base_dir).astype(np.float32) if len(node.input) > 2
-                            else np.zeros(b.rounded(t)[1].shape[0], np.float32))
-                bias = bias + b.centre_term(t, r.high / 2)
+                term = b.centre_term(node, t, float(centre(r)[0]))
+                if t.op == "MatMul":  # no bias input: an Add after it
+                    out = node.output[0]
+                    node.output[0] = f"{out}_uncentred"
+                    after.append(helper.make_node("Add", [node.output[0], b._const(term, f"{node.name}_centre_term")],
+                                                  [out], name=f"{node.name}_Uncentre"))
+                else:
+                    if bias is None:
+                        bias = (b.to_array(b.inits[node.input[2]], b.base_dir).astype(np.float32)
+                                if len(node.input) > 2 and node.input[2] else np.zeros(term.shape, np.float32))
+                    bias = (bias + term.reshape(bias.shape) if bias.size == term.size else bias + term).astype(np.float32)
             node.input[0], node.input[t.weight_index] = act, weight
             if bias is not None:
                 name = b._const(bias, f"{node.name}_bias_corrected")
-                if len(node.input) > 2:
+                if len(node.input) > 2 and node.input[2]:
                     replaced.add(node.input[2])
+                    node.input[2] = name
+                elif len(node.input) > 2:
                     node.input[2] = name
                 else:
                     node.input.append(name)
         nodes.append(node)
+        nodes += after
     del graph.node[:]
     graph.node.extend(nodes)
     _drop_unused(graph, {t.weight for t in targets} | replaced)
@@ -246,12 +268,16 @@ def insert_qdq(model, targets: Sequence[Target], ranges: Mapping[str, Range], *,
     return len(by_node)
 
 
-def centred_tensors(graph, targets: Sequence[Target], ranges: Mapping[str, Range]) -> set[str]:
-    """Activations to quantize centred (module docstring): never negative on the calibration data,
-    and read only by quantized convolutions whose padding is explicit and whose bias, if any, is a
-    constant (a reader left float still reads the tensor itself)."""
-    from onnx import helper
+def centre(r: Range) -> tuple[np.ndarray, float]:
+    """The middle (float32 scalar array) and half-width of `r`'s asymmetric range."""
+    return np.array((r.high + r.low) / 2, np.float32), (r.high - r.low) / 2
 
+
+def centred_tensors(graph, targets: Sequence[Target], ranges: Mapping[str, Range]) -> set[str]:
+    """Activations to quantize centred (module docstring): a range lopsided enough that centring
+    gains CENTRE_GAIN in step, and only quantized readers that can take c * sum(Wq) back: convolutions
+    with explicit padding and a constant bias (or none), MatMuls and plain Gemms (alpha = beta = 1,
+    no transA) with the weight second. A reader left float still reads the tensor itself."""
     nodes = {n.name: n for n in graph.node}
     inits = {i.name for i in graph.initializer}
     readers: dict[str, list] = {}
@@ -260,18 +286,29 @@ def centred_tensors(graph, targets: Sequence[Target], ranges: Mapping[str, Range
     out = set()
     for tensor, ts in readers.items():
         r = ranges.get(tensor)
-        if r is None or r.low < 0 or r.high <= 0:
+        if r is None or r.high <= r.low or r.amax < CENTRE_GAIN * centre(r)[1]:
             continue
-        ok = True
-        for t in ts:
-            node = nodes[t.node]
-            auto = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
-            if (t.op != "Conv" or t.weight_index != 1 or auto not in (b"NOTSET", "NOTSET")
-                    or (len(node.input) > 2 and node.input[2] and node.input[2] not in inits)):
-                ok = False
-        if ok:
+        if all(_takes_centre(nodes[t.node], t, inits) for t in ts):
             out.add(tensor)
     return out
+
+
+def _takes_centre(node, t: Target, inits: set[str]) -> bool:
+    if t.weight_index != 1:
+        return False
+    bias_ok = len(node.input) < 3 or not node.input[2] or node.input[2] in inits
+    if t.op == "Conv":
+        return _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and bias_ok
+    if t.op == "Gemm":
+        return (bias_ok and not _attr(node, "transA", 0) and _attr(node, "alpha", 1.0) == 1.0
+                and _attr(node, "beta", 1.0) == 1.0)
+    return t.op == "MatMul"
+
+
+def _attr(node, name: str, default):
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
 
 def _conv_pads(node) -> list[int]:

@@ -251,16 +251,66 @@ def test_centring_halves_the_activation_error_of_relu_outputs(monkeypatch):
     assert errors[True] < 0.6 * errors[False]  # half the step: about half the error
 
 
-def test_a_tensor_read_by_other_layers_than_convolutions_is_not_centred():
+def test_a_tensor_is_centred_only_when_lopsided_and_every_reader_can_take_the_shift_back():
+    from onnx import helper
+
     from edgerun.calibration.qdq import centred_tensors
     from edgerun.calibration.stats import Range
 
     model, _ = _relu_conv_model(matmul_reader=True)
     targets = find_targets(model.graph)
     assert {t.op for t in targets} == {"Conv", "MatMul"}
-    assert centred_tensors(model.graph, targets, {"r": Range(6.0, 0.0, 6.0)}) == set()
-    conv_only = [t for t in targets if t.op == "Conv"]
-    assert centred_tensors(model.graph, conv_only, {"r": Range(6.0, 0.0, 6.0)}) == {"r"}
-    assert centred_tensors(model.graph, conv_only, {"r": Range(6.0, -0.5, 6.0)}) == set()  # negative values
-    insert_qdq(model, targets, {"r": Range(6.0, 0.0, 6.0)}, scheme="cpu")  # uint8 already spans [0, 6]
+    relu = Range(6.0, 0.0, 6.0)
+    assert centred_tensors(model.graph, targets, {"r": relu}) == {"r"}  # a conv and a MatMul: both can
+    assert centred_tensors(model.graph, targets, {"r": Range(6.0, -0.2, 6.0)}) == {"r"}  # GELU-like
+    assert centred_tensors(model.graph, targets, {"r": Range(6.0, -5.0, 6.0)}) == set()  # near symmetric
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    conv.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+    assert centred_tensors(model.graph, targets, {"r": relu}) == set()  # its padding is implicit
+    model, _ = _relu_conv_model(matmul_reader=True)
+    insert_qdq(model, find_targets(model.graph), {"r": relu}, scheme="cpu")  # uint8 already spans [0, 6]
     assert "Sub" not in [n.op_type for n in model.graph.node]
+
+
+def test_a_centred_matmul_input_gets_its_shift_back_after_the_product():
+    from edgerun.calibration.stats import Range
+
+    model, _ = _relu_conv_model(matmul_reader=True)
+    step = 6.0 / 2 / 127
+    x = (np.random.default_rng(8).integers(0, 255, (2, 4, 6, 6)) * step).astype(np.float32)  # on the grid
+    floats = _run(_relu_conv_model(matmul_reader=True)[0], x)
+    insert_qdq(model, find_targets(model.graph), {"r": Range(6.0, 0.0, 6.0)}, scheme="tensorrt")
+    mm = next(n for n in model.graph.node if n.op_type == "MatMul")
+    add = next(n for n in model.graph.node if mm.output[0] in n.input)
+    assert add.op_type == "Add" and add.output[0] == "z"
+    m = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "m_quantized"))
+    s = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "m_scale"))
+    wq = m * s  # the MatMul's (6, 5) weight, per output column
+    np.testing.assert_allclose(_run(model, x)[1], np.maximum(x, 0) @ wq, atol=2e-4, rtol=1e-5)
+    assert np.abs(floats[1] - np.maximum(x, 0) @ wq).max() > 1e-3  # the weights were rounded
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_a_centred_gemm_input_gets_its_shift_back_in_the_bias(trans_b):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerun.calibration.stats import Range
+
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((5, 6) if trans_b else (6, 5)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+         helper.make_node("Gemm", ["r", "w", "b"], ["y"], name="fc", transB=trans_b)],
+        "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.arange(5, dtype=np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = (rng.integers(0, 255, (7, 6)) * (4.0 / 2 / 127)).astype(np.float32)  # on the centred grid of [0, 4]
+    insert_qdq(model, find_targets(model.graph), {"r": Range(4.0, 0.0, 4.0)}, scheme="tensorrt")
+    ops = [n.op_type for n in model.graph.node]
+    assert "Sub" in ops and "Add" not in ops  # the shift went into the Gemm's bias
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    axis = 0 if trans_b else 1
+    wq = inits["w_quantized"] * np.expand_dims(inits["w_scale"], 1 - axis)
+    want = x @ (wq.T if trans_b else wq) + np.arange(5)
+    np.testing.assert_allclose(_run(model, x)[0], want, atol=2e-4, rtol=1e-5)
