@@ -63,11 +63,14 @@ class Variant:
     precision: str
     layers: int  # layers quantized (fp16: nodes kept in float32)
     fused_attention: int = 0  # self-attentions fused into com.microsoft MultiHeadAttention
+    centred: int = 0  # activations quantized centred (the TensorRT variant; qdq.py)
 
     def to_dict(self) -> dict:
         out = {"file": self.file, "backends": list(self.backends), "scheme": self.scheme, "layers": self.layers}
         if self.fused_attention:
             out["fused_attention"] = self.fused_attention
+        if self.centred:
+            out["centred_activations"] = self.centred
         return out
 
 
@@ -101,23 +104,25 @@ def _save(model, dst: Path) -> None:
 
 
 def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, scheme: str, per_channel: bool,
-                 means: Mapping | None = None, codes: Mapping | None = None) -> tuple[int, int]:
-    """Write `plan`'s module with Q/DQ on its quantized layers to `dst`; returns the layer count
-    and the number of self-attentions fused (the onnxruntime variant only: `fuse_attention`).
+                 means: Mapping | None = None, codes: Mapping | None = None) -> tuple[int, int, int]:
+    """Write `plan`'s module with Q/DQ on its quantized layers to `dst`; returns the layer count,
+    the number of self-attentions fused (the onnxruntime variant only: `fuse_attention`) and of
+    activations quantized centred (the TensorRT variant only: `qdq.centred_tensors`).
     `means`: per-channel input means of its convolutions, for bias correction (qdq.py); `codes`:
     int8 weights rounded by gptq.py."""
     import onnx
 
     from ..export.simplify import fuse_attention
-    from .qdq import insert_qdq
+    from .qdq import centred_tensors, insert_qdq
 
     model = onnx.load(str(plan.path))
     calibration_view(model.graph)
+    centred = len(centred_tensors(model.graph, plan.quantized, ranges)) if scheme == "tensorrt" else 0
     count = insert_qdq(model, plan.quantized, ranges, scheme=scheme, per_channel=per_channel, means=means,
                        codes=codes)
     fused = fuse_attention(model) if scheme == "cpu" else 0  # TensorRT parses standard ops only
     _save(model, dst)
-    return count, fused
+    return count, fused, centred
 
 
 def head_targets(plan: ModulePlan) -> list[Target]:
@@ -153,15 +158,18 @@ def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Pa
         n = write_decoder(plan, out_dir / cpu_file, per_channel, head=int8_head, scheme=decoder_scheme)
         variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, f"{decoder_scheme}-int8", "int8", n))
     else:
-        n, fused = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel, means, codes)
+        n, fused, _ = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel, means, codes)
         variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "u8s8-qdq", "int8", n, fused))
     if ranges and tensorrt:
         trt_file = f"{plan.name}.int8-{TRT_TAG}.onnx"
-        n, _ = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel, means, codes)
+        n, _, centred = write_static(plan, ranges, out_dir / trt_file, "tensorrt", per_channel, means, codes)
         share_weights(out_dir / cpu_file, out_dir / trt_file)  # the int8 weights both read, stored once
-        variants.append(Variant(f"{plan.name}@{TRT_TAG}", plan.name, trt_file, TRT_BACKENDS, "s8s8-qdq", "int8", n))
+        variants.append(Variant(f"{plan.name}@{TRT_TAG}", plan.name, trt_file, TRT_BACKENDS, "s8s8-qdq", "int8", n,
+                                centred=centred))
     written = ", ".join(f"{v.module}: {v.layers}" + (f" + {v.fused_attention} attentions fused" if v.fused_attention
-                                                      else "") for v in variants)  # what each file really holds
+                                                      else "")
+                        + (f" + {v.centred} inputs centred" if v.centred else "")
+                        for v in variants)  # what each file really holds
     progress(f"{plan.name}: {len(plan.quantized)} of {len(plan.targets)} linear layers INT8, "
              f"{len(plan.kept)} kept float (layers written: {written})")
     return variants

@@ -258,3 +258,14 @@ def test_nothing_left_to_quantize(blip_bundle, photos, tmp_path):
     with pytest.raises(OptionError, match="no linear layer is left to quantize"):
         calibrate(blip_bundle, str(photos), tmp_path / "out", CalibrationOptions(keep_float=("MatMul,Gemm", "Conv"), **FAST))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_manifest_counts_the_centred_activations_of_the_tensorrt_variant(calibrated):
+    import onnx
+
+    path, _ = calibrated["entropy"]
+    written = edgerun.load(path).manifest.quantization["modules"]["vision"]["variants"]
+    trt = onnx.load(str(path / "vision.int8-tensorrt.onnx"), load_external_data=False).graph.node
+    centred = [n for n in trt if n.op_type == "Sub" and n.name.endswith("_Centre")]
+    assert written["vision@tensorrt"].get("centred_activations", 0) == len(centred) > 0  # the MLPs' GELU outputs
+    assert "centred_activations" not in written["vision"]  # uint8 in onnxruntime's: nothing to centre
