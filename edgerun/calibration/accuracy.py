@@ -34,6 +34,7 @@ class Metric:
     name: str
     value: float
     reference: float | None = None
+    samples: int | None = None  # a task score: the examples it is a rate over (one of them moves it 1/samples)
 
     @property
     def drop(self) -> float:
@@ -43,6 +44,8 @@ class Metric:
         out = {"task": self.task, "metric": self.name, "value": round(self.value, 6), "drop": round(self.drop, 6)}
         if self.reference is not None:
             out["float"] = round(self.reference, 6)
+        if self.samples is not None:
+            out["samples"] = self.samples
         return out
 
 

@@ -291,7 +291,8 @@ class _Job:
             reports[-1].gate = self.options.gate
             if self.task_data is not None:
                 self.progress(f"--eval: {name} variant on {taskeval.describe(self.task_data, model.manifest.tasks)}")
-                reports[-1].metrics += taskeval.metrics(taskeval.scores(model, self.task_data), self.task_reference)
+                reports[-1].metrics += taskeval.metrics(taskeval.scores(model, self.task_data), self.task_reference,
+                                                        self.task_data)
             del model
             gc.collect()
         self._timed("held-out comparison", t0)
@@ -353,6 +354,15 @@ class _Job:
             names = ", ".join(m.name for m in self.reports[0].metrics)
             raise OptionError(f"--gate {', '.join(self.options.gate)} names no metric of this bundle; its metrics: "
                               f"{names}")
+        limit = self.options.max_drop
+        for m in self.reports[0].gating if self.reports and limit is not None else []:
+            if not m.samples or 1 / m.samples <= limit:
+                continue
+            note = (f"--max-drop {limit} is finer than one example of {m.task} {m.name} (1/{m.samples} = "
+                    f"{1 / m.samples:.3f}): it holds only while no example changes; give --eval more examples")
+            if note not in self.notes:
+                self.notes.append(note)
+                self.progress(f"note: {note}")
 
     def _float_worst(self, k: int) -> None:
         """Keep exactly the `k` worst layers of the sensitivity ranking float (besides the patterns')."""

@@ -99,10 +99,22 @@ def vqa_score(model, data: TaskData) -> float:
     return mean_vqa_accuracy(got, [q[2] for q in data.questions])
 
 
-def metrics(got: dict[tuple[str, str], float], reference: dict[tuple[str, str], float]) -> list[Metric]:
-    """A variant's task scores as metrics whose drop is measured from the float twin's."""
-    return [Metric(task, name, got[(task, name)], reference=reference[(task, name)])
+def metrics(got: dict[tuple[str, str], float], reference: dict[tuple[str, str], float],
+            data: TaskData | None = None) -> list[Metric]:
+    """A variant's task scores as metrics whose drop is measured from the float twin's, each with
+    the number of examples it is a rate over when `data` is given."""
+    return [Metric(task, name, got[(task, name)], reference=reference[(task, name)],
+                   samples=None if data is None else rate_over(data, task, name))
             for task, name in reference if (task, name) in got]
+
+
+def rate_over(data: TaskData, task: str, name: str) -> int | None:
+    """How many examples the score `name` of `task` averages: one of them moves it by 1/that."""
+    if task == "retrieval":
+        return len({i for i, _ in data.captions}) if name.startswith("image_to_text") else len(data.captions)
+    if task == "vqa":
+        return len(data.questions)
+    return None
 
 
 def counts(data: TaskData) -> dict[str, int]:

@@ -91,8 +91,8 @@ def test_insert_qdq_writes_the_codes_given(convs):
             w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name))
             expected = codes[name] if given else quantize_weight(w, weight_scales(w, 0), 0)
             assert np.array_equal(stored[f"{name}_quantized"], expected)
-    assert any(not np.array_equal(codes[n], quantize_weight(w := numpy_helper.to_array(
-        next(i for i in model.graph.initializer if i.name == n)), weight_scales(w, 0), 0)) for n in codes)
+    weights = {n: numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == n)) for n in codes}
+    assert any(not np.array_equal(codes[n], quantize_weight(w, weight_scales(w, 0), 0)) for n, w in weights.items())
 
 
 def test_inputs_never_seen_nonzero_keep_their_weights():

@@ -82,3 +82,30 @@ def test_eval_data_scores_vqa_accuracy_against_the_float_twin(vqa_bundle, vqa_da
     entry = next(m for v in q["accuracy"]["variants"] if v["variant"] == "cpu" for m in v["metrics"]
                  if m["metric"] == "vqa_accuracy")
     assert entry["float"] == 1.0 and entry["drop"] == pytest.approx(1.0 - metric.value, abs=1e-6)
+    assert metric.samples == entry["samples"] == len(kept)  # the questions the accuracy is a rate over
+
+
+def test_a_max_drop_finer_than_one_example_is_pointed_out(vqa_bundle, vqa_data, tmp_path):
+    from edgerun.calibration.pipeline import AccuracyDropError
+
+    folder, *_ = vqa_data
+    said = []
+    options = CalibrationOptions(samples=4, decoder_samples=2, eval_data=str(folder / "qa.json"), eval_samples=5,
+                                 max_drop=0.05)  # 10 questions: one answer moves the accuracy by 0.1
+    try:
+        notes = calibrate(vqa_bundle, str(folder), tmp_path / "out", options, progress=said.append).notes
+    except AccuracyDropError:
+        notes = [s.removeprefix("note: ") for s in said if s.startswith("note: ")]
+    assert any("finer than one example of vqa vqa_accuracy (1/10 = 0.100)" in n for n in notes), said
+    options = CalibrationOptions(samples=4, decoder_samples=2, eval_data=str(folder / "qa.json"), eval_samples=5,
+                                 max_drop=1.0)
+    report = calibrate(vqa_bundle, str(folder), tmp_path / "out2", options)
+    assert not any("finer than one example" in n for n in report.notes)
+
+
+def test_rates_are_over_images_captions_or_questions():
+    data = taskeval.TaskData(images=[], captions=[(0, "a"), (0, "b"), (2, "c")], questions=[(1, "q", ("x",))],
+                             skipped="")
+    assert taskeval.rate_over(data, "retrieval", "image_to_text_recall@5") == 2  # images that have captions
+    assert taskeval.rate_over(data, "retrieval", "text_to_image_recall@1") == 3
+    assert taskeval.rate_over(data, "vqa", "vqa_accuracy") == 1
