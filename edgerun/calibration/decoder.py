@@ -29,27 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .nodes import Target
+from .nodes import Target, attr, plain_gemm
 from .qdq import quantize_weight, weight_scales
-
-
-def _attr(node, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return a.f if a.type == a.FLOAT else a.i
-    return default
-
-
-def _plain_gemm(node) -> bool:
-    """A Gemm that is `x @ W.T + C` (transB, the form a tied LM head takes) or `x @ W + C` (GPT-2's
-    Conv1D layers): no transposed input, no scaling."""
-    return (_attr(node, "transA", 0) == 0 and _attr(node, "alpha", 1.0) == 1.0
-            and _attr(node, "beta", 1.0) == 1.0)
 
 
 def transposed(node) -> bool:
     """Whether a Gemm's weight is stored (out, in)."""
-    return node.op_type == "Gemm" and _attr(node, "transB", 0) == 1
+    return node.op_type == "Gemm" and attr(node, "transB", 0) == 1
 
 
 def rewritable(graph, targets: Sequence[Target]) -> list[Target]:
@@ -64,10 +50,10 @@ def rewritable(graph, targets: Sequence[Target]) -> list[Target]:
     out = []
     for t in targets:
         node = nodes[t.node]
-        plain = t.op == "MatMul" or (t.op == "Gemm" and _plain_gemm(node))
+        plain = t.op == "MatMul" or (t.op == "Gemm" and plain_gemm(node))
         only_reader = plain and len(readers[t.weight]) == 1
-        tied_head = t.op == "Gemm" and _plain_gemm(node) and transposed(node) and all(
-            r is node or (r.op_type == "Gather" and r.input[0] == t.weight and _attr(r, "axis", 0) == 0)
+        tied_head = t.op == "Gemm" and plain_gemm(node) and transposed(node) and all(
+            r is node or (r.op_type == "Gather" and r.input[0] == t.weight and attr(r, "axis", 0) == 0)
             for r in readers[t.weight])
         if only_reader or tied_head:
             out.append(t)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .nodes import Target
+from .nodes import Target, attr
 from .qdq import weight_scales
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean
@@ -53,18 +53,12 @@ def round_rows(w: np.ndarray, h: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _attr(node, name, default):
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _patch_moments(x: np.ndarray, node) -> np.ndarray:
     """Per-channel second moments (C, k*k, k*k) of a depthwise convolution's input patches; x (N, C, H, W)."""
-    k, kw = _attr(node, "kernel_shape", [1, 1])
-    sh, sw = _attr(node, "strides", [1, 1])
-    dh, dw = _attr(node, "dilations", [1, 1])
-    p = _attr(node, "pads", [0, 0, 0, 0])
+    k, kw = attr(node, "kernel_shape", [1, 1])
+    sh, sw = attr(node, "strides", [1, 1])
+    dh, dw = attr(node, "dilations", [1, 1])
+    p = attr(node, "pads", [0, 0, 0, 0])
     x = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
     ho, wo = (x.shape[2] - dh * (k - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
     total = np.zeros((x.shape[1], k * kw, k * kw))
@@ -77,7 +71,7 @@ def _patch_moments(x: np.ndarray, node) -> np.ndarray:
 
 
 def _kind(node, w: np.ndarray) -> str | None:
-    group = _attr(node, "group", 1)
+    group = attr(node, "group", 1)
     if group == 1 and w.shape[2:] == (1, 1):
         return "pointwise"
     if w.shape[1] == 1 and group == w.shape[0]:

@@ -48,6 +48,19 @@ class Target:
     axis: int | None
 
 
+def attr(node, name: str, default=None):
+    """The value of attribute `name` of an onnx node (ints, floats, lists, bytes), else `default`."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def plain_gemm(node) -> bool:
+    """A Gemm that is `x @ W.T + C` (transB, the form a tied LM head takes) or `x @ W + C` (GPT-2's
+    Conv1D layers): no transposed input, no scaling."""
+    return attr(node, "transA", 0) == 0 and attr(node, "alpha", 1.0) == 1.0 and attr(node, "beta", 1.0) == 1.0
+
+
 def calibration_view(graph) -> None:
     """The float graph as calibration reads it, in place: a tied LM head reads the embedding table
     as its weight initializer again (export feeds it through a Reshape, `share_tied_head`) and

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..errors import OptionError
-from .nodes import Target
+from .nodes import Target, attr, plain_gemm
 from .stats import Range
 
 SCHEMES = ("tensorrt", "cpu")
@@ -185,7 +185,7 @@ class _Builder:
         if t.op == "Conv":
             inputs = tuple(range(1, wq.ndim))  # (Cout, Cin/g, k...)
         else:  # MatMul (K, N); Gemm (N, K) with transB
-            inputs = (1,) if t.op == "Gemm" and _attr(node, "transB", 0) else (0,)
+            inputs = (1,) if t.op == "Gemm" and attr(node, "transB", 0) else (0,)
         return (np.float64(c) * wq.astype(np.float64).sum(axis=inputs)).astype(np.float32)
 
     def take(self, tensor: str) -> list:
@@ -298,27 +298,14 @@ def _takes_centre(node, t: Target, inits: set[str]) -> bool:
         return False
     bias_ok = len(node.input) < 3 or not node.input[2] or node.input[2] in inits
     if t.op == "Conv":
-        return _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and bias_ok
+        return attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and bias_ok
     if t.op == "Gemm":
-        return (bias_ok and not _attr(node, "transA", 0) and _attr(node, "alpha", 1.0) == 1.0
-                and _attr(node, "beta", 1.0) == 1.0)
+        return bias_ok and plain_gemm(node)
     return t.op == "MatMul"
 
 
-def _attr(node, name: str, default):
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
-
-
 def _conv_pads(node) -> list[int]:
-    from onnx import helper
-
-    pads = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "pads"), None)
-    if pads is None:
-        kernel = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "kernel_shape"), [1, 1])
-        pads = [0] * (2 * len(kernel))
-    return list(pads)
+    return list(attr(node, "pads", None) or [0] * (2 * len(attr(node, "kernel_shape", [1, 1]))))
 
 
 def _set_ints(node, name: str, values: list[int]) -> None:
