@@ -188,6 +188,24 @@ class _Builder:
             inputs = (1,) if t.op == "Gemm" and attr(node, "transB", 0) else (0,)
         return (np.float64(c) * wq.astype(np.float64).sum(axis=inputs)).astype(np.float32)
 
+    def uncentre(self, node, t: Target, c: float, bias: np.ndarray | None) -> tuple[np.ndarray | None, list]:
+        """Give a layer fed x - c back what it misses: (its new bias, or None to keep it; nodes to
+        place after it). A MatMul has no bias input: an Add of c * sum(Wq) follows it."""
+        from onnx import helper
+
+        term = self.centre_term(node, t, c)
+        if t.op == "MatMul":
+            out = node.output[0]
+            node.output[0] = f"{out}_uncentred"
+            shift = self._const(term, f"{node.name}_centre_term")
+            return bias, [helper.make_node("Add", [node.output[0], shift], [out], name=f"{node.name}_Uncentre")]
+        if bias is None:
+            has = len(node.input) > 2 and node.input[2]
+            bias = (self.to_array(self.inits[node.input[2]], self.base_dir).astype(np.float32) if has
+                    else np.zeros(term.shape, np.float32))
+        term = term.reshape(bias.shape) if bias.size == term.size else term  # a Gemm's C may broadcast
+        return (bias + term).astype(np.float32), []
+
     def take(self, tensor: str) -> list:
         """The nodes that make `tensor`'s dequantized copy, the first time they are needed."""
         name, nodes = self.made[tensor]
@@ -206,8 +224,6 @@ def insert_qdq(model, targets: Sequence[Target], ranges: Mapping[str, Range], *,
     gives): weights rounded elsewhere (gptq.py) instead of to their nearest level."""
     if scheme not in SCHEMES:
         raise OptionError(f"unknown Q/DQ scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
-    from onnx import helper
-
     if opset(model) < _MIN_OPSET:
         raise OptionError(f"INT8 Q/DQ needs opset {_MIN_OPSET} or newer, this model has opset {opset(model)}; "
                           "re-export the bundle with --opset 17")
@@ -238,27 +254,16 @@ def insert_qdq(model, targets: Sequence[Target], ranges: Mapping[str, Range], *,
             mean = (means or {}).get(t.activation)
             bias = b.corrected_bias(node, t, mean) if mean is not None else None
             if t.activation in centred:
-                term = b.centre_term(node, t, float(centre(r)[0]))
-                if t.op == "MatMul":  # no bias input: an Add after it
-                    out = node.output[0]
-                    node.output[0] = f"{out}_uncentred"
-                    after.append(helper.make_node("Add", [node.output[0], b._const(term, f"{node.name}_centre_term")],
-                                                  [out], name=f"{node.name}_Uncentre"))
-                else:
-                    if bias is None:
-                        bias = (b.to_array(b.inits[node.input[2]], b.base_dir).astype(np.float32)
-                                if len(node.input) > 2 and node.input[2] else np.zeros(term.shape, np.float32))
-                    bias = (bias + term.reshape(bias.shape) if bias.size == term.size else bias + term).astype(np.float32)
+                bias, after = b.uncentre(node, t, float(centre(r)[0]), bias)
             node.input[0], node.input[t.weight_index] = act, weight
             if bias is not None:
                 name = b._const(bias, f"{node.name}_bias_corrected")
-                if len(node.input) > 2 and node.input[2]:
-                    replaced.add(node.input[2])
-                    node.input[2] = name
-                elif len(node.input) > 2:
-                    node.input[2] = name
-                else:
+                if len(node.input) < 3:
                     node.input.append(name)
+                else:
+                    if node.input[2]:
+                        replaced.add(node.input[2])
+                    node.input[2] = name
         nodes.append(node)
         nodes += after
     del graph.node[:]
