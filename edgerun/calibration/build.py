@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..manifest import ModuleSpec
 from .blockwise import MIN_ONNXRUNTIME
-from .nodes import HEAD_REASON, Target, calibration_view, find_targets, float_nodes
+from .nodes import HEAD_REASON, Target, calibration_view, find_targets, float_nodes, load_model
 from .shared import share_weights
 from .stats import Range
 
@@ -110,12 +110,10 @@ def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, schem
     activations quantized centred (the TensorRT variant only: `qdq.centred_tensors`).
     `means`: per-channel input means of its convolutions, for bias correction (qdq.py); `codes`:
     int8 weights rounded by gptq.py."""
-    import onnx
-
     from ..export.simplify import fuse_attention
     from .qdq import centred_tensors, insert_qdq
 
-    model = onnx.load(str(plan.path))
+    model = load_model(plan.path)
     calibration_view(model.graph)
     centred = len(centred_tensors(model.graph, plan.quantized, ranges)) if scheme == "tensorrt" else 0
     count = insert_qdq(model, plan.quantized, ranges, scheme=scheme, per_channel=per_channel, means=means,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .nodes import Target, attr, plain_gemm
+from .nodes import Target, attr, load_model, plain_gemm
 from .qdq import quantize_weight, weight_scales
 
 
@@ -192,7 +192,7 @@ def write_decoder(src: Path, dst: Path, targets: Sequence[Target], *, scheme: st
     from ..export.simplify import share_tied_head
     from .nodes import calibration_view
 
-    model = onnx.load(str(src))
+    model = load_model(src)
     calibration_view(model.graph)
     if scheme == "blockwise":
         from .blockwise import quantize_blockwise_weights

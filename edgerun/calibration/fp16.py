@@ -18,7 +18,9 @@ def convert_fp16(src: Path, dst: Path) -> int:
     import onnx
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
-    model = onnx.load(str(src))
+    from .nodes import load_model
+
+    model = load_model(src)
     blocked = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(KEEP_FP32))
     model = convert_float_to_float16(model, keep_io_types=True, op_block_list=blocked)
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,

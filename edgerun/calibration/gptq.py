@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .nodes import Target, attr
+from .nodes import Target, attr, load_model
 from .qdq import weight_scales
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean
@@ -84,13 +84,12 @@ def conv_codes(path: Path, targets: Sequence[Target], feeds: Sequence[Mapping[st
     """{weight name: int8 codes} for the pointwise and depthwise convolutions among `targets` of the
     module at `path`, from their inputs on `feeds` (the float module's); per output channel scales
     as `qdq.weight_scales` makes them. Other layers are left to nearest rounding."""
-    import onnx
     from onnx import numpy_helper
 
     from .collect import augment, session
     from .nodes import calibration_view
 
-    model = onnx.load(str(path))
+    model = load_model(path)
     calibration_view(model.graph)
     nodes = {n.name: n for n in model.graph.node}
     inits = {t.name: t for t in model.graph.initializer}

@@ -48,6 +48,24 @@ class Target:
     axis: int | None
 
 
+def load_model(path):
+    """The ONNX model at `path` with its weights, as calibration rewrites it. onnx refuses to read
+    external weights through a file with several hard links (a bundle copied with `cp -al`, for
+    one); that becomes a BundleError saying so, not a checker traceback."""
+    import onnx
+
+    try:
+        return onnx.load(str(path))
+    except onnx.checker.ValidationError as err:
+        from ..errors import BundleError
+
+        if "hard link" in str(err):
+            raise BundleError(f"{path}: onnx will not read the weights of this module through a file with "
+                              "several hard links; copy the bundle with `cp -r` (not `cp -al` or a hard-linked "
+                              "store) and calibrate the copy") from None
+        raise BundleError(f"{path}: onnx could not read its weights: {err}") from None
+
+
 def attr(node, name: str, default=None):
     """The value of attribute `name` of an onnx node (ints, floats, lists, bytes), else `default`."""
     from onnx import helper

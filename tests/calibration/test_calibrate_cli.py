@@ -125,3 +125,22 @@ def test_variants_cpu_writes_no_tensorrt_files(blip_bundle, images, tmp_path):
     bad = _run(blip_bundle, "--data", images, "-o", tmp_path / "trt", "--variants", "tensorrt")
     assert bad.exit_code != 0 and "variants must include cpu" in str(bad.exception)
     assert not (tmp_path / "trt").exists()
+
+
+def test_a_hard_linked_bundle_copy_is_refused_with_the_fix(blip_bundle, images, tmp_path):
+    import os
+    import shutil
+
+    from edgerun.errors import BundleError
+
+    own = shutil.copytree(blip_bundle, tmp_path / "own")  # links to the shared fixture would break other tests
+    copy = tmp_path / "linked"
+    copy.mkdir()
+    for f in own.iterdir():
+        if f.is_file():
+            os.link(f, copy / f.name)  # what `cp -al` makes: onnx will not read weights through such files
+    result = _run(copy, "--data", images, "-o", tmp_path / "out", "--samples", 2, "--eval-samples", 2,
+                  "--decoder-samples", 0)
+    assert result.exit_code != 0 and isinstance(result.exception, BundleError), result.output
+    assert "several hard links" in str(result.exception) and "cp -r" in str(result.exception)
+    assert not (tmp_path / "out").exists()
