@@ -111,7 +111,7 @@ def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, schem
     `means`: per-channel input means of its convolutions, for bias correction (qdq.py); `codes`:
     int8 weights rounded by gptq.py."""
     from ..export.simplify import fuse_attention
-    from .qdq import centred_tensors, insert_qdq
+    from .qdq import centred_tensors, insert_qdq, integer_matmuls
 
     model = load_model(plan.path)
     calibration_view(model.graph)
@@ -119,6 +119,8 @@ def write_static(plan: ModulePlan, ranges: Mapping[str, Range], dst: Path, schem
     count = insert_qdq(model, plan.quantized, ranges, scheme=scheme, per_channel=per_channel, means=means,
                        codes=codes)
     fused = fuse_attention(model) if scheme == "cpu" else 0  # TensorRT parses standard ops only
+    if scheme == "cpu":
+        integer_matmuls(model)  # the projections' biases inside onnxruntime's integer kernel
     _save(model, dst)
     return count, fused, centred
 

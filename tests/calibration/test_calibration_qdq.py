@@ -314,3 +314,35 @@ def test_a_centred_gemm_input_gets_its_shift_back_in_the_bias(trans_b):
     wq = inits["w_quantized"] * np.expand_dims(inits["w_scale"], 1 - axis)
     want = x @ (wq.T if trans_b else wq) + np.arange(5)
     np.testing.assert_allclose(_run(model, x)[0], want, atol=2e-4, rtol=1e-5)
+
+
+def test_the_onnxruntime_variant_adds_its_biases_inside_the_integer_kernel():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerun.calibration.qdq import integer_matmuls
+    from edgerun.calibration.stats import Range
+
+    rng = np.random.default_rng(11)
+    w, b, w2 = (rng.standard_normal(shape).astype(np.float32) for shape in ((8, 6), (6,), (8, 4)))
+
+    def model():
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="bias"),
+             helper.make_node("MatMul", ["x", "w2"], ["z"], name="nobias")],
+            "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+             helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(w2, "w2")])
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        insert_qdq(m, find_targets(m.graph), {"x": Range(3.0, -1.0, 3.0)}, scheme="cpu")
+        return m
+
+    x = rng.uniform(-1, 3, (5, 8)).astype(np.float32)
+    plain, fused = model(), model()
+    assert integer_matmuls(fused) == 1  # the product with a bias; the other has nothing to fold
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("Add") == 0 and ops.count("MatMul") == 1
+    assert "DequantizeLinear" in ops  # the second product still reads the dequantized input
+    for got, want in zip(_run(fused, x), _run(plain, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # the bias added in another order: ulps
