@@ -2,8 +2,9 @@
 
 Every quantized module gets two variants, each naming the backends it is for:
 - `NAME` (the module the tasks name): the onnxruntime CPU variant, backends ["cpu", "cuda"]:
-  U8S8 Q/DQ on the linear layers and self-attention fused into onnxruntime's MultiHeadAttention
-  for encoders, block-wise (or dynamic) INT8 weights for decoders;
+  U8S8 Q/DQ on the linear layers (a projection with a bias as one MatMulIntegerToFloat) and
+  self-attention fused into onnxruntime's MultiHeadAttention for encoders, block-wise (or dynamic)
+  INT8 weights for decoders;
 - `NAME@tensorrt`: symmetric S8 Q/DQ with standard ops only, backends ["tensorrt", "ort-trt"].
 `--fp16` instead adds `NAME@fp16` (backends ["cuda", "tensorrt", "ort-trt"]) beside the float
 module, which keeps the CPU. `edgerun.runtime.variants.select_module` picks one per backend.
