@@ -27,7 +27,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .decoder import _ranks, apply_rewrite, rewritable
-from .nodes import Target
+from .nodes import Target, attr
+from .qdq import opset
 
 MIN_ONNXRUNTIME = "1.23"  # 8-bit GatherBlockQuantized (the tied embedding)
 BLOCKS = (256, 128, 64, 32, 16)  # MatMulNBits block sizes, largest first
@@ -168,12 +169,9 @@ def quantize_blockwise_weights(model, targets: Sequence[Target]) -> int:
 
 def _nbits_key(node) -> tuple | None:
     """What MatMulNBits nodes must share to be one product: the input and every attribute but N."""
-    from onnx import helper
-
     if node.op_type != "MatMulNBits" or len(node.input) != 3:
         return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    return (node.input[0], *(attrs.get(k) for k in ("K", "bits", "block_size", "accuracy_level")))
+    return (node.input[0], *(attr(node, k) for k in ("K", "bits", "block_size", "accuracy_level")))
 
 
 def merge_parallel(model) -> int:
@@ -201,7 +199,6 @@ def merge_parallel(model) -> int:
     if not groups:
         return 0
     inits = {i.name: i for i in graph.initializer}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
     first = {id(g[0]): g for g in groups.values()}
     merged = {id(n) for g in groups.values() for n in g}
     nodes, removed = [], 0
@@ -211,7 +208,7 @@ def merge_parallel(model) -> int:
             if id(node) not in merged:
                 nodes.append(node)
             continue
-        widths = [next(a.i for a in n.attribute if a.name == "N") for n in group]
+        widths = [attr(n, "N") for n in group]
         tables = [numpy_helper.to_array(inits[n.input[1]]) for n in group]
         scales = [numpy_helper.to_array(inits[n.input[2]]) for n in group]
         base = group[0].name
@@ -226,7 +223,7 @@ def merge_parallel(model) -> int:
         nodes.append(helper.make_node("MatMulNBits", [group[0].input[0], b, s], [product], name=base + "_merged",
                                       domain="com.microsoft", **attrs))
         outputs = [n.output[0] for n in group]
-        if opset >= 13:
+        if opset(model) >= 13:
             split = f"{base}_merged_widths"
             graph.initializer.append(numpy_helper.from_array(np.array(widths, np.int64), split))
             nodes.append(helper.make_node("Split", [product, split], outputs, name=base + "_split", axis=-1))

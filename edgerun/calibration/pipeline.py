@@ -481,7 +481,7 @@ class _Job:
                        variants=list(o.variants),
                        decoder_samples=min(self.used, o.decoder_samples),
                        activations={"cpu": "uint8 asymmetric (decoders: int8 quantized at run time)",
-                                    build.TRT_TAG: "int8 symmetric (never-negative convolution inputs centred)"})
+                                    build.TRT_TAG: "int8 symmetric (lopsided inputs, ReLU or GELU outputs, centred)"})
             if o.method == "auto":
                 out["auto_method"] = {"candidates": list(CANDIDATES), "criterion": "least int8 quantization MSE"}
             if o.method in ("auto", "percentile"):

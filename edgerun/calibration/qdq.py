@@ -244,8 +244,8 @@ def insert_qdq(model, targets: Sequence[Target], ranges: Mapping[str, Range], *,
                 key = b.centred(t.activation, r, pads)
                 nodes += b.take(key)
                 act = b.made[key][0]
-                if any(pads):
-                    _set_ints(node, "pads", [0] * len(pads))
+                if any(pads):  # the Pad before the QuantizeLinear did it
+                    next(a for a in node.attribute if a.name == "pads").ints[:] = [0] * len(pads)
             else:
                 act = b.activation(t.activation, r)
                 nodes += b.take(t.activation)
@@ -313,14 +313,6 @@ def _conv_pads(node) -> list[int]:
     return list(attr(node, "pads", None) or [0] * (2 * len(attr(node, "kernel_shape", [1, 1]))))
 
 
-def _set_ints(node, name: str, values: list[int]) -> None:
-    from onnx import helper
-
-    kept = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend([*kept, helper.make_attribute(name, values)])
-
-
 def _drop_unused(graph, names: set[str]) -> None:
     """Remove the float weights in `names` that nothing reads any more."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
@@ -369,6 +361,8 @@ def integer_matmuls(model) -> int:
                                                              w.input[2], bias], [add.output[0]],
                                      name=f"{matmul.name}_integer", domain="com.microsoft")
 
+    from ..export.simplify import drop_dead_nodes
+
     swaps = {id(m): f for m in graph.node if m.op_type == "MatMul" and (f := fused(m)) is not None}
     if not swaps:
         return 0
@@ -376,10 +370,7 @@ def integer_matmuls(model) -> int:
     nodes = [swaps[id(n)][1] if id(n) in swaps else n for n in graph.node if id(n) not in gone]
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for n in graph.node for name in n.input}
-    keep = [n for n in graph.node if n.op_type != "DequantizeLinear" or n.output[0] in used]
-    del graph.node[:]
-    graph.node.extend(keep)
+    drop_dead_nodes(graph)  # the weights' DequantizeLinear nodes nothing reads now
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return len(swaps)
