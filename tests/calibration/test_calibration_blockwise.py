@@ -9,6 +9,7 @@ from edgerun.calibration.blockwise import (
     block_size,
     decoder_scheme,
     dequantize_blocks,
+    fold_biases,
     merge_parallel,
     quantize_blocks,
     quantize_blockwise_weights,
@@ -179,20 +180,27 @@ def test_gpt2_style_gemms_without_transb_are_quantized_too(scheme):
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.03
 
 
-def _parallel_graph(widths=(24, 24, 40), hidden=64):
-    """x -> LayerNorm-free q/k/v: three MatMuls of one input (and a fourth reading their sum)."""
+def _parallel_graph(widths=(24, 24, 40), hidden=64, biases=False):
+    """x -> LayerNorm-free q/k/v: three MatMuls of one input (and a fourth reading their sum); with
+    `biases`, each of the three adds a vector of its width, as a Linear layer exports (bias + x W)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(2)
     ws = [(rng.standard_normal((hidden, w)) * 0.1).astype(np.float32) for w in widths]
+    bs = [rng.standard_normal(w).astype(np.float32) for w in widths]
     down = (rng.standard_normal((widths[0], hidden)) * 0.1).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"proj{i}") for i in range(len(widths))]
+    products = [f"p{i}" if biases else f"y{i}" for i in range(len(widths))]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [p], name=f"proj{i}") for i, p in enumerate(products)]
+    if biases:
+        nodes += [helper.make_node("Add", [f"b{i}", p], [f"y{i}"], name=f"bias{i}") for i, p in enumerate(products)]
     nodes += [helper.make_node("Add", ["y0", "y1"], ["s"], name="sum"),
               helper.make_node("MatMul", ["s", "down"], ["z"], name="down")]
     outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y0", "y1", "y2", "z")]
+    inits = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)] + [numpy_helper.from_array(down, "down")]
+    if biases:
+        inits += [numpy_helper.from_array(b, f"b{i}") for i, b in enumerate(bs)]
     graph = helper.make_graph(nodes, "parallel", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", hidden])],
-                              outs, [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)]
-                              + [numpy_helper.from_array(down, "down")])
+                              outs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -229,3 +237,53 @@ def test_a_table_read_elsewhere_is_not_merged():
                                              domain="com.microsoft", **{a.name: helper.get_attribute_value(a)
                                                                         for a in head.attribute}))
     assert merge_parallel(model) == 0
+
+
+def test_bias_adds_move_into_the_products_and_merge_with_them(monkeypatch):
+    from edgerun.calibration import blockwise
+    from edgerun.calibration.nodes import find_targets
+
+    x = {"x": np.random.default_rng(4).standard_normal((3, 64)).astype(np.float32)}
+    added, folded = _parallel_graph(biases=True), _parallel_graph(biases=True)
+    with monkeypatch.context() as m:  # the Adds kept, nothing merged: the reference
+        m.setattr(blockwise, "fold_biases", lambda model: 0)
+        m.setattr(blockwise, "merge_parallel", lambda model: 0)
+        quantize_blockwise_weights(added, find_targets(added.graph))
+    assert quantize_blockwise_weights(folded, find_targets(folded.graph)) == 4
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops.count("Add") == 1 and ops.count("MatMulNBits") == 2  # only the sum of two outputs is left
+    product = next(n for n in folded.graph.node if n.name.endswith("_merged"))
+    assert list(product.input[3:5]) == ["", ""] and product.input[5].endswith("_merged_bias")
+    bias = next(i for i in folded.graph.initializer if i.name == product.input[5])
+    assert list(bias.dims) == [24 + 24 + 40]
+    assert not {"b0", "b1", "b2"} & {i.name for i in folded.graph.initializer}
+    for got, want in zip(_session(folded).run(None, x), _session(added).run(None, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # the same sums, up to an ulp
+
+
+def test_only_an_add_of_a_constant_vector_of_the_products_width_is_folded():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerun.calibration.nodes import find_targets
+
+    def graph(other_shape, other_is_input=False):
+        rng = np.random.default_rng(5)
+        w = (rng.standard_normal((16, 8)) * 0.1).astype(np.float32)
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["p"], name="proj"),
+                 helper.make_node("Add", ["p", "c"], ["y"], name="add")]
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", 16])]
+        inits = [numpy_helper.from_array(w, "w")]
+        if other_is_input:
+            inputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, [8]))
+        else:
+            inits.append(numpy_helper.from_array(rng.standard_normal(other_shape).astype(np.float32), "c"))
+        g = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        quantize_blockwise_weights(model, find_targets(model.graph))
+        return [n.op_type for n in model.graph.node]
+
+    assert graph((8,)) == ["MatMulNBits"]
+    assert graph((3, 8)) == ["MatMulNBits", "Add"]  # a matrix: not a bias
+    assert graph((1,)) == ["MatMulNBits", "Add"]  # broadcast scalar: not the op's (N,) bias
+    assert graph(None, other_is_input=True) == ["MatMulNBits", "Add"]  # not a constant
+    assert fold_biases(onnx.helper.make_model(onnx.helper.make_graph([], "empty", [], []))) == 0
