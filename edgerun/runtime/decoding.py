@@ -317,6 +317,7 @@ class BeamSearchDecoder(TokenDecoder):
         self.finished_tokens = np.zeros((self.n_batch, self.n_beams, self.max_length), dtype=np.int64)
         self.finished_scores = np.full((self.n_batch, self.n_beams), _MASK, dtype=_F32)
         self.finished = np.zeros((self.n_batch, self.n_beams), dtype=bool)
+        self.any_finished = False  # whether any slot of `finished` is set
         self.finished_lengths = np.zeros((self.n_batch, self.n_beams), dtype=np.int64)
         # per batch item: could a running beam still beat the worst finished one?
         self.improvable = np.ones((self.n_batch, 1), dtype=bool)
@@ -340,9 +341,12 @@ class BeamSearchDecoder(TokenDecoder):
         beams, ids = np.divmod(flat_ids, vocab)
         if self.length + 1 >= self.max_length:
             stops = np.ones(ids.shape, dtype=bool)
+        elif self.stop_ids.size == 1:
+            stops = ids == self.stop_ids[0]
         else:
             stops = (ids[:, :, None] == self.stop_ids).any(axis=2)
-        open_scores = candidate_scores + stops.astype(_F32) * _MASK  # finished ones cannot run on
+        # finished ones cannot run on; x + 0 * mask is x, so only the stops get the mask added
+        open_scores = np.where(stops, candidate_scores + _MASK, candidate_scores)
         keep = _stable_top(open_scores, n_beams)
         items_done = self._items_done()
         self._update_finished(candidate_scores, beams, ids, stops)
@@ -362,8 +366,9 @@ class BeamSearchDecoder(TokenDecoder):
 
     def _items_done(self) -> np.ndarray:
         """(n_batch,) bool: items whose finished hypotheses can no longer change."""
-        full = self.finished.all(axis=1) if self.options.early_stopping is True else False
-        return ~self.improvable[:, 0] | full
+        if self.options.early_stopping is True:
+            return ~self.improvable[:, 0] | self.finished.all(axis=1)
+        return ~self.improvable[:, 0]
 
     def _update_finished(self, candidate_scores, beams, ids, stops) -> None:
         """Merge the candidates that just finished among the first num_beams into the finished slots,
@@ -394,6 +399,7 @@ class BeamSearchDecoder(TokenDecoder):
         self.finished_tokens[items, slots, self.length] = ids[items, candidates]
         self.finished_lengths[items, slots] = self.length + 1
         self.finished[items, slots] = just_finished[items, candidates]
+        self.any_finished = bool(self.finished.any())
         self.finished_scores = merged[self._items, picked]
 
     def _update_improvable(self) -> None:
@@ -403,6 +409,9 @@ class BeamSearchDecoder(TokenDecoder):
         else:
             best_length = self.length - self.prompt_length
         best_running = self.penalty(self.running_scores[:, :1], best_length)
+        if not self.any_finished:  # every worst finished score is the mask
+            self.improvable &= best_running > _MASK
+            return
         worst_finished = np.where(self.finished, self.finished_scores.min(axis=1, keepdims=True), _MASK)
         self.improvable &= (best_running > worst_finished).any(axis=1, keepdims=True)
 
@@ -439,10 +448,10 @@ def decode(inference: Inference, prompt_ids: np.ndarray, options: DecodingOption
     else:
         decoder = BeamSearchDecoder(options, filters, stop)
     tokens = decoder.reset(prompt_ids)
-    n_rows = prompt_ids.shape[0] * options.num_beams
+    n_rows, highest_stop = prompt_ids.shape[0] * options.num_beams, int(stop.max())
     try:
         while True:
-            source_rows, tokens = decoder.update(_scores(inference.logits(tokens), n_rows, stop))
+            source_rows, tokens = decoder.update(_scores(inference.logits(tokens), n_rows, stop, highest_stop))
             if decoder.done:
                 break
             if source_rows is not None:
@@ -452,12 +461,13 @@ def decode(inference: Inference, prompt_ids: np.ndarray, options: DecodingOption
     return decoder.finalize()
 
 
-def _scores(logits, n_rows: int, stop_ids: np.ndarray) -> np.ndarray:
-    """The model's logits as a writable float32 (n_rows, vocab) array (generate() upcasts to float32)."""
+def _scores(logits, n_rows: int, stop_ids: np.ndarray, highest_stop: int) -> np.ndarray:
+    """The model's logits as a writable float32 (n_rows, vocab) array (generate() upcasts to float32);
+    `highest_stop` is stop_ids.max(), computed once per decode."""
     logits = np.asarray(logits, dtype=_F32)
     if logits.ndim != 2 or logits.shape[0] != n_rows:
         raise EdgeRunError(f"the decoder returned logits of shape {logits.shape}, expected ({n_rows}, vocab)")
-    if stop_ids.max() >= logits.shape[1]:
+    if highest_stop >= logits.shape[1]:
         raise OptionError(f"stop_ids must be below the vocabulary size {logits.shape[1]}, "
                           f"got {stop_ids.tolist()}")
     return logits if logits.flags.writeable else logits.copy()
