@@ -168,6 +168,17 @@ def quantize_blockwise_weights(model, targets: Sequence[Target]) -> int:
     return len(chosen)
 
 
+def _initializer(name: str, inits: dict, producer: dict) -> str | None:
+    """The initializer `name` is, through any Identity nodes (how exporters share equal weights:
+    a random-weight model's zero biases all read one), else None."""
+    while name not in inits:
+        node = producer.get(name)
+        if node is None or node.op_type != "Identity":
+            return None
+        name = node.input[0]
+    return name
+
+
 def fold_biases(model) -> int:
     """Give each MatMulNBits whose only reader adds a constant vector of its width that vector as the
     op's bias input, and drop the Add; returns how many were folded.
@@ -180,6 +191,7 @@ def fold_biases(model) -> int:
     then, as any other equivalent graph could; calibrate's accuracy report measures the result."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
     readers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -194,7 +206,8 @@ def fold_biases(model) -> int:
             continue
         add = users[0]
         bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        if bias == node.output[0] or bias not in inits:
+        bias = None if bias == node.output[0] else _initializer(bias, inits, producer)
+        if bias is None:
             continue
         init = inits[bias]
         if init.data_type != 1 or list(init.dims) != [attr(node, "N")]:  # float32 (N,) only: no broadcast
@@ -227,7 +240,8 @@ def merge_parallel(model) -> int:
     fixed cost per call: BLIP-base's three 768x768 projections of a layer ran in 1.24 ms as 36
     calls and 1.00 ms as 12 calls of 768x2304 (interleaved, 40 rounds; 2-core x86 test machine).
     The tables are concatenated along N, so every output column is the same product as before.
-    Only tables read by nothing else are merged (a tied table stays one copy)."""
+    Only tables read by nothing else are merged (a tied table stays one copy); a bias may be shared
+    (its values are copied into the merged bias)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -238,7 +252,7 @@ def merge_parallel(model) -> int:
     groups: dict[tuple, list] = {}
     for node in graph.node:
         key = _nbits_key(node)
-        if key is not None and all(readers.get(x) == 1 for x in node.input[1:] if x):
+        if key is not None and readers.get(node.input[1]) == 1 and readers.get(node.input[2]) == 1:
             groups.setdefault(key, []).append(node)
     groups = {k: g for k, g in groups.items() if len(g) > 1}
     if not groups:
@@ -263,7 +277,9 @@ def merge_parallel(model) -> int:
         for n in group:
             for name in n.input[1:]:
                 if name:
-                    graph.initializer.remove(inits.pop(name))
+                    readers[name] -= 1
+                    if readers[name] == 0:  # a bias shared with other nodes stays for them
+                        graph.initializer.remove(inits.pop(name))
         attrs = {a.name: helper.get_attribute_value(a) for a in group[0].attribute}
         attrs["N"] = sum(widths)
         product = f"{base}_merged"

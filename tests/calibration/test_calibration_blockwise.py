@@ -180,6 +180,34 @@ def test_gpt2_style_gemms_without_transb_are_quantized_too(scheme):
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.03
 
 
+def test_products_sharing_one_bias_are_merged_and_the_bias_kept_for_its_other_readers():
+    """An exporter shares equal initializers (a random model's zero biases) through Identity nodes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerun.calibration.nodes import find_targets
+
+    rng = np.random.default_rng(8)
+    ws = [(rng.standard_normal((16, 8)) * 0.1).astype(np.float32) for _ in range(2)]
+    zero = np.zeros(8, np.float32)
+    nodes = [helper.make_node("Identity", ["zero"], [f"z{i}"], name=f"share{i}") for i in range(2)]
+    nodes += [helper.make_node("MatMul", ["x", f"w{i}"], [f"p{i}"], name=f"proj{i}") for i in range(2)]
+    nodes += [helper.make_node("Add", [f"p{i}", f"z{i}"], [f"y{i}"], name=f"bias{i}") for i in range(2)]
+    nodes += [helper.make_node("Add", ["y0", "zero"], ["y2"], name="other_reader")]
+    graph = helper.make_graph(nodes, "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", 16])],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y1", "y2")],
+                              [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)]
+                              + [numpy_helper.from_array(zero, "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = {"x": rng.standard_normal((3, 16)).astype(np.float32)}
+    ref = _session(model).run(None, x)
+    quantize_blockwise_weights(model, find_targets(model.graph))
+    product = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    assert [n.op_type for n in model.graph.node].count("MatMulNBits") == 1 and product.input[5].endswith("_bias")
+    assert "zero" in {i.name for i in model.graph.initializer}  # still read by other_reader
+    for got, want in zip(_session(model).run(None, x), ref):
+        assert np.abs(got - want).max() < 0.02
+
+
 def _parallel_graph(widths=(24, 24, 40), hidden=64, biases=False):
     """x -> LayerNorm-free q/k/v: three MatMuls of one input (and a fourth reading their sum); with
     `biases`, each of the three adds a vector of its width, as a Linear layer exports (bias + x W)."""
@@ -266,11 +294,12 @@ def test_only_an_add_of_a_constant_vector_of_the_products_width_is_folded():
 
     from edgerun.calibration.nodes import find_targets
 
-    def graph(other_shape, other_is_input=False):
+    def graph(other_shape, other_is_input=False, through_identity=False):
         rng = np.random.default_rng(5)
         w = (rng.standard_normal((16, 8)) * 0.1).astype(np.float32)
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["p"], name="proj"),
-                 helper.make_node("Add", ["p", "c"], ["y"], name="add")]
+        nodes = [helper.make_node("Identity", ["c"], ["c_shared"], name="share")] if through_identity else []
+        nodes += [helper.make_node("MatMul", ["x", "w"], ["p"], name="proj"),
+                  helper.make_node("Add", ["p", "c_shared" if through_identity else "c"], ["y"], name="add")]
         inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", 16])]
         inits = [numpy_helper.from_array(w, "w")]
         if other_is_input:
@@ -283,6 +312,7 @@ def test_only_an_add_of_a_constant_vector_of_the_products_width_is_folded():
         return [n.op_type for n in model.graph.node]
 
     assert graph((8,)) == ["MatMulNBits"]
+    assert graph((8,), through_identity=True) == ["Identity", "MatMulNBits"]  # a shared bias, read directly
     assert graph((3, 8)) == ["MatMulNBits", "Add"]  # a matrix: not a bias
     assert graph((1,)) == ["MatMulNBits", "Add"]  # broadcast scalar: not the op's (N,) bias
     assert graph(None, other_is_input=True) == ["MatMulNBits", "Add"]  # not a constant
