@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -205,5 +206,16 @@ def main(argv=None) -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """The `edge-run` command. Its process is edge-run's own, so its onnxruntime sessions share the
+    process-wide thread pool (`edgerun.runtime.onnxrt.shared_pool`; EDGERUN_ORT_SHARED_POOL=0 turns
+    it off): one set of workers that stay awake between a step's ~500 small kernels, instead of a
+    pool per session whose workers sleep between them. BLIP-base, 2-core x86 test machine, two
+    processes each way: INT8 decode step 10.9-12.1 -> 9.7-9.8 ms, FP32 24.2-25.5 -> 22.4-23.8 ms,
+    the vision encoder unchanged. `main` alone (tests, embedding) leaves the library's default."""
+    os.environ.setdefault("EDGERUN_ORT_SHARED_POOL", "1")
     main()
+
+
+if __name__ == "__main__":
+    entry()

@@ -90,3 +90,24 @@ def test_export_cli_writes_a_bundle(blip_checkpoint, tmp_path):
     assert "decoder" in out.stdout and "max abs diff" in out.stdout
     assert (tmp_path / "b" / "manifest.json").is_file()
     assert "checking every graph against torch" in out.stderr  # progress goes to stderr
+
+
+def test_the_command_runs_its_sessions_on_one_shared_pool_unless_told_not_to(monkeypatch):
+    import os
+
+    import edgerun.cli as cli
+
+    monkeypatch.setattr(cli, "main", lambda: None)
+    monkeypatch.delenv("EDGERUN_ORT_SHARED_POOL", raising=False)
+    cli.entry()
+    assert os.environ["EDGERUN_ORT_SHARED_POOL"] == "1"  # the command owns its process
+    monkeypatch.setenv("EDGERUN_ORT_SHARED_POOL", "0")
+    cli.entry()
+    assert os.environ["EDGERUN_ORT_SHARED_POOL"] == "0"  # the user's choice stands
+
+
+def test_the_command_entry_point_is_the_pool_sharing_one():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "edge-run"]
+    assert script.value == "edgerun.cli:entry"
