@@ -19,9 +19,12 @@ pixel values once (ViTImageProcessorPil), and exports it twice, each export in a
                   (merged decoder), in the Optimum environment;
   export          `edge-run export hf:DIR --task caption`.
 Then each side runs in a process of its own, started one after another:
-  optimum         ORTModelForVision2Seq.generate(), onnxruntime with 2 intra-op threads, spinning off;
+  optimum         ORTModelForVision2Seq.generate(), onnxruntime with 2 intra-op threads;
   torch           VisionEncoderDecoderModel.generate(), torch.set_num_threads(2);
   edgerun         edgerun.load(BUNDLE, threads=2).caption(pixel_values=...).
+onnxruntime's threads are set alike on both of its sides (--pool): by default one process-wide
+pool per process, as the `edge-run` command runs; `--pool per-session` gives each session a pool
+of its own with spinning off, the library's default.
 Each warms up (--warmup captions), then the sides take turns, one caption each per turn, for
 --runs turns; a side that is not captioning waits blocked on its stdin, so two never run at once,
 and a change in the load of the shared machine touches all sides of a turn alike. Every caption
@@ -199,7 +202,7 @@ def torch_side(folder: Path, pixels: Path, args) -> tuple[Callable[[], dict], di
 
 
 def optimum_side(onnx_dir: Path, pixels: Path, args) -> tuple[Callable[[], dict], dict]:
-    """ORTModelForVision2Seq with the threads given to onnxruntime (intra-op, spinning off). torch's
+    """ORTModelForVision2Seq with the threads given to onnxruntime (--pool as for edge-run). torch's
     pool runs only generate()'s own work between sessions (log-softmax, top-k over beams x vocab)
     and gets --optimum-torch-threads: with 2, on a busy 2-core machine, its workers took the cores
     from onnxruntime (decoding 1.6x slower)."""
@@ -211,9 +214,15 @@ def optimum_side(onnx_dir: Path, pixels: Path, args) -> tuple[Callable[[], dict]
     from optimum.onnxruntime import ORTModelForVision2Seq
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = args.threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if args.pool == "shared":  # its encoder and decoder sessions on one process-wide pool
+        import onnxruntime.capi._pybind_state as C
+
+        C.set_global_thread_pool_sizes(args.threads, 1)
+        opts.use_per_session_threads = False
+    else:
+        opts.intra_op_num_threads = args.threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     torch.set_num_threads(args.optimum_torch_threads)
     model = ORTModelForVision2Seq.from_pretrained(onnx_dir, session_options=opts, provider="CPUExecutionProvider")
     values = torch.from_numpy(np.load(pixels))
@@ -342,7 +351,7 @@ def check_optimum_env(python: Path) -> dict:
              "from optimum.onnxruntime import ORTModelForVision2Seq;"
              "print(json.dumps({'optimum': optimum.version.__version__, 'transformers': transformers.__version__,"
              "'onnxruntime': onnxruntime.__version__, 'torch': torch.__version__}))")
-    out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise BenchFailure(f"{python} cannot import Optimum's onnxruntime support ({last}); "
@@ -353,11 +362,14 @@ def check_optimum_env(python: Path) -> dict:
 def side_command(python: Path, step: str, args) -> list[str]:
     return [str(python), __file__, step, "--workdir", str(args.workdir), "--warmup", str(args.warmup),
             "--threads", str(args.threads), "--optimum-torch-threads", str(args.optimum_torch_threads),
-            *(["--int8"] if args.int8 else [])]
+            "--pool", args.pool, *(["--int8"] if args.int8 else [])]
 
 
 def side_env(args) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    """Each side's environment; edge-run's sessions share one pool as the `edge-run` command's do
+    when --pool is shared (the Optimum side makes its own pool shared in optimum_side)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+            "EDGERUN_ORT_SHARED_POOL": "1" if args.pool == "shared" else "0"}
 
 
 class Worker:
@@ -400,7 +412,8 @@ def run_export(python: Path, step: str, output: str, args) -> dict:
     if args.reuse_exports and record.exists() and (args.workdir / output).is_dir():
         return {**json.loads(record.read_text()), "reused": True}
     print(f"[{step}] load average {load_average()}", file=sys.stderr, flush=True)
-    out = subprocess.run(side_command(python, step, args), capture_output=True, text=True, env=side_env(args))
+    out = subprocess.run(side_command(python, step, args), capture_output=True, text=True, env=side_env(args),
+                         check=False)
     if out.returncode != 0:
         tail = " | ".join(out.stderr.strip().splitlines()[-3:]) or "(no output)"
         raise BenchFailure(f"step {step!r} failed (exit {out.returncode}): {tail}")
@@ -452,7 +465,8 @@ def run_all(args) -> dict:
     folder = make_checkpoint(args.workdir / "checkpoint", args.tiny)
     make_pixels(folder, args.workdir / "pixels.npy")
     me = Path(sys.executable)
-    results: dict = {"options": OPTIONS, "threads": args.threads, "optimum_torch_threads": args.optimum_torch_threads,
+    results: dict = {"options": OPTIONS, "threads": args.threads, "pool": args.pool,
+                     "optimum_torch_threads": args.optimum_torch_threads,
                      "runs": args.runs, "warmup": args.warmup, "tiny": args.tiny, "optimum_env": versions,
                      "checkpoint_mb": dir_mb(folder)}
     results["optimum_export"] = run_export(args.optimum_python, "optimum-export", "optimum-onnx", args)
@@ -528,6 +542,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--optimum-torch-threads", type=int, default=1,
                     help="torch threads in the Optimum process, for generate()'s own work (default: %(default)s)")
+    ap.add_argument("--pool", choices=["shared", "per-session"], default="shared",
+                    help="onnxruntime threads, both sides alike: one process-wide pool (what the edge-run "
+                    "command uses) or a pool per session with spinning off (the library's default)")
     ap.add_argument("--reuse-exports", action="store_true", help="keep the exports of an earlier `all` in WORKDIR")
     ap.add_argument("--tiny", action="store_true", help="a tiny model, to try the script quickly")
     ap.add_argument("--int8", action="store_true", help="INT8 against INT8: Optimum's ORTQuantizer (dynamic, "

@@ -6,7 +6,7 @@ import sys
 import click
 
 NAMES = {"decoder_first": "decoder first step", "decoder_per_token": "decoder per token",
-         "beam_bookkeeping": "beam bookkeeping", "cross_kv": "cross-attention K/V",
+         "beam_bookkeeping": "beam bookkeeping", "kv_cache": "KV cache upkeep", "cross_kv": "cross-attention K/V",
          "question_encoder": "question encoder", "embed_images": "embed images (total)",
          "embed_texts": "embed texts (total)", "end_to_end": "end to end"}
 

@@ -32,7 +32,7 @@ from ..errors import EdgeRunError, InputError, MissingDependencyError, OptionErr
 TASKS = ("caption", "vqa", "retrieval")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # parts of last_timings["decode"], so not added to the rest of the call
-DECODE_PARTS = ("decoder", "decoder_calls", "decoder_first", "decoder_per_token", "beam_bookkeeping")
+DECODE_PARTS = ("decoder", "decoder_calls", "decoder_first", "decoder_per_token", "kv_cache", "beam_bookkeeping")
 TOTALS = ("embed_images", "embed_texts")  # retrieval sub-totals, sampled beside its stages
 QUESTIONS = ("what is in the picture?", "how many people are there?", "what colour is the sky?")
 TEXTS = ("a photo of a dog", "a red car parked on a street", "two people walking on a beach at sunset")

@@ -11,7 +11,7 @@ from edgerun.runtime.bench import BenchOptions, check_baseline, load_baseline, p
 
 QUICK = {"runs": 3, "warmup": 1, "num_beams": 2, "new_tokens": 4, "threads": 1}
 CAPTION_STAGES = {"preprocess", "vision", "cross_kv", "decoder_first", "decoder_per_token",
-                  "beam_bookkeeping", "postprocess"}
+                  "kv_cache", "beam_bookkeeping", "postprocess"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -74,6 +74,30 @@ def test_timings_are_recorded(model, photo_path):
     t = model.last_timings
     assert t["preprocess"] > 0 and t["vision"] > 0 and t["decoder"] > 0
     assert t["decoder_calls"] == 4
+    # the decoding loop splits into the graph, the cache's upkeep around it and choosing tokens
+    assert t["kv_cache"] > 0 and t["beam_bookkeeping"] > 0
+    assert t["decoder"] + t["kv_cache"] + t["beam_bookkeeping"] == pytest.approx(t["decode"])
+
+
+def test_cache_upkeep_is_timed_apart_from_bookkeeping(model, photo_path, monkeypatch):
+    """Time spent in the cache's reorder lands in kv_cache, not in beam_bookkeeping."""
+    import time as _time
+
+    from edgerun.runtime.kvcache import DecoderInference
+
+    slow = DecoderInference.rearrange_kv_cache
+
+    def rearrange(self, source_indices):
+        _time.sleep(0.02)
+        slow(self, source_indices)
+
+    model.caption(photo_path, num_beams=3, max_new_tokens=6)
+    base = dict(model.last_timings)
+    monkeypatch.setattr(DecoderInference, "rearrange_kv_cache", rearrange)
+    model.caption(photo_path, num_beams=3, max_new_tokens=6)
+    t = model.last_timings
+    assert t["kv_cache"] >= base["kv_cache"] + 0.02  # at least one reorder slept
+    assert t["beam_bookkeeping"] < base["beam_bookkeeping"] + 0.02
 
 
 @pytest.mark.parametrize("options, match", [
