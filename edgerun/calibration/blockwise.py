@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .decoder import _ranks, apply_rewrite, rewritable
-from .nodes import Target, attr
+from .nodes import Target, attr, readers_of
 from .qdq import opset
 
 MIN_ONNXRUNTIME = "1.23"  # 8-bit GatherBlockQuantized (the tied embedding)
@@ -192,16 +192,13 @@ def fold_biases(model) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    reads = readers_of(graph)
     outputs = {o.name for o in graph.output}
     dropped, folded = set(), 0
     for node in graph.node:
         if node.op_type != "MatMulNBits" or len(node.input) != 3 or node.output[0] in outputs:
             continue
-        users = readers.get(node.output[0], [])
+        users = reads.get(node.output[0], [])
         if len(users) != 1 or users[0].op_type != "Add":
             continue
         add = users[0]
@@ -245,14 +242,11 @@ def merge_parallel(model) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    count = {name: len(nodes) for name, nodes in readers_of(graph).items()}
     groups: dict[tuple, list] = {}
     for node in graph.node:
         key = _nbits_key(node)
-        if key is not None and readers.get(node.input[1]) == 1 and readers.get(node.input[2]) == 1:
+        if key is not None and count.get(node.input[1]) == 1 and count.get(node.input[2]) == 1:
             groups.setdefault(key, []).append(node)
     groups = {k: g for k, g in groups.items() if len(g) > 1}
     if not groups:
@@ -277,8 +271,8 @@ def merge_parallel(model) -> int:
         for n in group:
             for name in n.input[1:]:
                 if name:
-                    readers[name] -= 1
-                    if readers[name] == 0:  # a bias shared with other nodes stays for them
+                    count[name] -= 1
+                    if count[name] == 0:  # a bias shared with other nodes stays for them
                         graph.initializer.remove(inits.pop(name))
         attrs = {a.name: helper.get_attribute_value(a) for a in group[0].attribute}
         attrs["N"] = sum(widths)

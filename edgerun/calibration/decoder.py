@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .nodes import Target, attr, load_model, plain_gemm
+from .nodes import Target, attr, load_model, plain_gemm, readers_of
 from .qdq import quantize_weight, weight_scales
 
 
@@ -43,10 +43,7 @@ def rewritable(graph, targets: Sequence[Target]) -> list[Target]:
     `x @ W.T + C`) whose weight nothing else reads, and `x @ W.T + C` Gemms whose weight is read
     otherwise only by Gathers on axis 0 (a tied embedding)."""
     nodes = {n.name: n for n in graph.node}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for x in n.input:
-            readers.setdefault(x, []).append(n)
+    readers = readers_of(graph)
     out = []
     for t in targets:
         node = nodes[t.node]

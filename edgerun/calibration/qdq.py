@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..errors import OptionError
-from .nodes import Target, attr, plain_gemm
+from .nodes import Target, attr, plain_gemm, readers_of
 from .stats import Range
 
 SCHEMES = ("tensorrt", "cpu")
@@ -337,10 +337,7 @@ def integer_matmuls(model) -> int:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     made = {o: n for n in graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for name in n.input:
-            readers.setdefault(name, []).append(n)
+    reads = readers_of(graph)
 
     def fused(matmul):
         a, w = (made.get(name) for name in matmul.input)
@@ -350,7 +347,7 @@ def integer_matmuls(model) -> int:
         n = _dims(inits, w.input[0])
         if len(n) != 2 or _dims(inits, w.input[1]) not in ([], [n[1]]) or (attr(w, "axis", 1) not in (1, -1)):
             return None
-        after = readers.get(matmul.output[0], [])
+        after = reads.get(matmul.output[0], [])
         if len(after) != 1 or after[0].op_type != "Add":
             return None
         add = after[0]
