@@ -95,7 +95,7 @@ def test_export_cli_writes_a_bundle(blip_checkpoint, tmp_path):
 def test_the_command_runs_its_sessions_on_one_shared_pool_unless_told_not_to(monkeypatch):
     import os
 
-    import edgerun.cli as cli
+    from edgerun import cli
 
     monkeypatch.setattr(cli, "main", lambda: None)
     monkeypatch.delenv("EDGERUN_ORT_SHARED_POOL", raising=False)

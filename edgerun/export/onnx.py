@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
-from .simplify import drop_dead_nodes, fold_reshape_shapes, gemm_as_matmul, share_tied_head
+from .simplify import drop_dead_nodes, fold_reshape_shapes, gemm_as_matmul, share_tied_head, unflatten_matmuls
 
 # Ops that TensorRT rejects inside decode loops or that hide cache branches.
 FORBIDDEN_OPS = {"If", "Loop", "Scan"}
@@ -63,6 +63,7 @@ def export_graph(spec: GraphSpec, path: Path, *, opset: int = 17,
     if fold_reshape_shapes(model.graph):
         drop_dead_nodes(model.graph)
     gemm_as_matmul(model.graph)
+    unflatten_matmuls(model)  # GPT-2's Conv1D: no flatten / unflatten Reshapes around each product
     share_tied_head(model.graph)  # the embedding table held once in onnxruntime's memory, not twice
     short_tensor_names(model.graph)
     weights = sum(t.ByteSize() for t in model.graph.initializer)

@@ -26,6 +26,16 @@ class _Graph:
         self.producer = {o: n for n in graph.node for o in n.output}
         self.inits = {i.name: i for i in graph.initializer}
 
+    def initializer(self, name: str) -> str | None:
+        """The initializer `name` is, or reads through Identity nodes (an exporter shares equal
+        constants that way), else None."""
+        while name not in self.inits:
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return name
+
     def constant(self, name: str):
         if name in self.inits:
             return self.to_array(self.inits[name])
@@ -133,6 +143,142 @@ def gemm_as_matmul(graph) -> int:
         done += 1
     del graph.node[:]
     graph.node.extend(nodes)
+    return done
+
+
+def ranks(model) -> dict[str, int]:
+    """Rank of every tensor of `model` that ONNX shape inference can tell, inputs and initializers
+    included. Inference runs on a copy that holds no weights (the initializers as typed inputs)."""
+    from onnx import helper, shape_inference
+
+    graph = model.graph
+    declared = {v.name for v in graph.input}
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+               for t in graph.initializer if t.name not in declared]
+    light = helper.make_model(helper.make_graph(list(graph.node), "ranks", list(graph.input) + weights,
+                                                list(graph.output)),
+                              opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    inferred = shape_inference.infer_shapes(light).graph
+    out = {}
+    for value in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
+        kind = value.type.tensor_type
+        if kind.HasField("shape"):
+            out[value.name] = len(kind.shape.dim)
+    return out
+
+
+class _Dims:
+    """Shape arithmetic read symbolically: what a small int64 tensor built from Shape, Gather, Slice,
+    Squeeze, Unsqueeze, Concat and constants holds, each entry an int or ("dim", tensor, axis)."""
+
+    def __init__(self, g: _Graph, rank: dict[str, int]):
+        self.g, self.rank = g, rank
+
+    def of(self, name: str) -> tuple[list, bool] | None:
+        """(entries, is_scalar) of tensor `name`, or None when it is not such arithmetic."""
+        value = self.g.constant(name)
+        if value is not None:
+            return ([int(v) for v in value.ravel()], value.ndim == 0) if value.ndim <= 1 else None
+        node = self.g.producer.get(name)
+        if node is None:
+            return None
+        op, ins = node.op_type, node.input
+        if op == "Shape":
+            r = self.rank.get(ins[0])
+            if r is None or node.attribute:
+                return None
+            return [("dim", ins[0], i) for i in range(r)], False
+        if op in ("Gather", "Slice", "Squeeze", "Unsqueeze") and ins:
+            data = self.of(ins[0])
+            if data is None:
+                return None
+            entries, scalar = data
+            if op == "Gather":
+                index = self.g.constant(ins[1])
+                if _attr(node, "axis") != 0 or scalar or index is None or index.ndim > 1:
+                    return None
+                picked = [entries[int(i)] for i in index.ravel()]
+                return picked, index.ndim == 0
+            if op == "Slice":
+                parts = [self.g.constant(i) if i else None for i in list(ins[1:]) + [""] * (5 - len(ins))]
+                starts, ends, axes, steps = parts[:4]
+                if starts is None or ends is None or scalar or (axes is not None and axes.ravel().tolist() != [0]) \
+                        or (steps is not None and steps.ravel().tolist() != [1]):
+                    return None
+                start, end = int(starts.ravel()[0]), int(ends.ravel()[0])
+                return entries[slice(start, min(end, len(entries)))], False
+            axes = self.g.constant(ins[1]) if len(ins) > 1 and ins[1] else None
+            if axes is None or axes.ravel().tolist() != [0]:
+                return None
+            if op == "Squeeze":
+                return (entries, True) if not scalar and len(entries) == 1 else None
+            return (entries, False) if scalar else None
+        if op == "Concat" and _attr(node, "axis") == 0:
+            out = []
+            for part in ins:
+                got = self.of(part)
+                if got is None or got[1]:
+                    return None
+                out += got[0]
+            return out, False
+        return None
+
+
+def unflatten_matmuls(model) -> int:
+    """Let the products GPT-2's Conv1D layers trace to read their 3-D input as it is; returns how
+    many.
+
+    Conv1D computes `addmm(b, x.view(-1, K), W).view(*x.shape[:-1], N)`, so each of its 72 layers
+    brings a flattening Reshape, a Reshape back and 13 shape kernels (Shape, Gather, Slice, Squeeze,
+    Unsqueeze, Concat) that run at every decode step: 1,457 kernels a step for ViT-GPT2's decoder,
+    against 692 for BLIP's. MatMul already treats the leading dims of its first input as rows, so
+    `MatMul(x, W) [+ b]` gives the same numbers in the same shape: the two Reshapes go, and the shape
+    arithmetic with them once nothing else reads it (`drop_dead_nodes`). Matched on what the shapes
+    hold (`_Dims`), not on how the tracer spelt them."""
+    graph = model.graph
+    g = _Graph(graph)
+    dims = _Dims(g, ranks(model))
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    drop, done = set(), 0
+    for matmul in graph.node:
+        if matmul.op_type != "MatMul" or matmul.input[1] not in g.inits:
+            continue
+        weight = g.inits[matmul.input[1]].dims
+        flat = g.producer.get(matmul.input[0])
+        if len(weight) != 2 or flat is None or flat.op_type != "Reshape" or _attr(flat, "allowzero"):
+            continue
+        x = flat.input[0]
+        r = dims.rank.get(x)
+        shape = dims.of(flat.input[1])
+        if r is None or r < 3 or shape is None or shape[0] not in ([-1, ("dim", x, r - 1)], [-1, weight[0]]):
+            continue
+        last = matmul
+        after = readers.get(matmul.output[0], [])
+        if len(after) == 1 and after[0].op_type == "Add":
+            add = after[0]
+            bias = g.initializer(add.input[1] if add.input[0] == matmul.output[0] else add.input[0])
+            if bias is not None and list(g.inits[bias].dims) in ([weight[1]], [1, weight[1]]):
+                last = add
+        back = readers.get(last.output[0], [])
+        if len(back) != 1 or back[0].op_type != "Reshape" or _attr(back[0], "allowzero"):
+            continue
+        back = back[0]
+        target = dims.of(back.input[1])
+        lead = [("dim", x, i) for i in range(r - 1)]
+        if target is None or target[0] not in (lead + [weight[1]], lead + [-1]):
+            continue
+        matmul.input[0] = x
+        last.output[0] = back.output[0]
+        drop.add(id(back))
+        done += 1
+    if done:
+        keep = [n for n in graph.node if id(n) not in drop]
+        del graph.node[:]
+        graph.node.extend(keep)
+        drop_dead_nodes(graph)
     return done
 
 

@@ -87,6 +87,67 @@ def test_plain_gemms_become_matmul_plus_add_and_a_transposed_one_stays():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+class _Conv1D(torch.nn.Module):
+    """GPT-2's Conv1D (addmm over the input flattened to 2-D, viewed back), and a product whose
+    result is viewed into other dims than its input's, which must keep its Reshapes."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(8, 6, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(6, generator=g))
+        self.w2 = torch.nn.Parameter(torch.randn(8, 6, generator=g))
+
+    def forward(self, x):
+        out = x.size()[:-1] + (6,)
+        y = torch.addmm(self.b, x.view(-1, x.size(-1)), self.w).view(out)
+        z = torch.addmm(self.b, x.view(-1, x.size(-1)), self.w2).view(x.size(1), x.size(0), 6)
+        return y * 2, z
+
+
+def test_conv1d_products_read_the_3d_input_and_other_views_stay(tmp_path):
+    from edgerun.export.onnx import GraphSpec, export_graph
+
+    x = torch.randn(2, 3, 8)
+    spec = GraphSpec("conv1d", _Conv1D(), (x,), ["x"], ["y", "z"], {"x": {0: "batch", 1: "time"}})
+    path = export_graph(spec, tmp_path / "conv1d.onnx")
+    graph = onnx.load(str(path)).graph
+    made = {o: n for n in graph.node for o in n.output}
+    products = [n for n in graph.node if n.op_type == "MatMul"]
+    assert len(products) == 2
+    inputs = sorted(made[n.input[0]].op_type if n.input[0] in made else n.input[0] for n in products)
+    assert inputs == ["Reshape", "x"]  # the plain Conv1D reads x itself; the transposing view kept its flatten
+    assert sum(n.op_type == "Reshape" for n in graph.node) == 2
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    module = _Conv1D()
+    for b, t in ((2, 3), (5, 1), (1, 7)):  # other sizes than traced
+        x = torch.randn(b, t, 8)
+        want = [w.detach().numpy() for w in module(x)]
+        got = session.run(None, {"x": x.numpy()})
+        for g, w in zip(got, want):
+            assert g.shape == w.shape
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_unflatten_leaves_a_flatten_of_other_dims_alone():
+    """x (b, t, 8) viewed as (-1, 4) is not the per-row flatten MatMul could skip."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerun.export.simplify import unflatten_matmuls
+
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Reshape", ["x", "flat"], ["x2"]), helper.make_node("MatMul", ["x2", "w"], ["p"]),
+             helper.make_node("Reshape", ["p", "back"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.array([-1, 4], np.int64), "flat"),
+                               numpy_helper.from_array(np.array([0, 0, 6], np.int64), "back"),
+                               numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert unflatten_matmuls(model) == 0
+    assert [n.op_type for n in model.graph.node] == ["Reshape", "MatMul", "Reshape"]
+
+
 def _fused_twin(path, tmp_path):
     """The graph at `path` with its self-attentions fused, saved beside it in tmp_path."""
     from edgerun.export.simplify import fuse_attention

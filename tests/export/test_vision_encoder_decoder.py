@@ -175,6 +175,27 @@ def test_decoder_stores_embedding_once_and_no_cross_weights(report, hf_model):
         assert not any(arr.shape == w.shape and np.array_equal(arr, w) for w in (kv_w, kv_w.T))
 
 
+def test_decoder_products_read_their_inputs_unflattened(report, hf_model):
+    """GPT-2's Conv1D layers (addmm over x.view(-1, K), viewed back) run as MatMul + Add on the 3-D
+    input: no Reshape on either side of a weight product, and no shape arithmetic left for them."""
+    from edgerun.export.simplify import ranks
+
+    model = onnx.load(str(report.path / "decoder.onnx"), load_external_data=False)
+    graph, rank = model.graph, ranks(model)
+    inits = {t.name for t in graph.initializer}
+    products = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    layers = hf_model.decoder.config.n_layer
+    assert len(products) == 6 * layers  # c_attn, c_proj, q_attn, cross c_proj, c_fc, mlp c_proj
+    assert [rank.get(n.input[0]) for n in products] == [3] * len(products)  # (rows, new, width), not flattened
+    readers = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n.op_type)
+    biased = [readers[n.output[0]] for n in products]
+    assert all(r == ["Add"] for r in biased)
+    assert sum(n.op_type == "Shape" for n in graph.node) < len(products)  # was 3 per product
+
+
 def test_real_photo_caption_matches_generate(model, hf_model, checkpoint):
     from skimage import data
     from transformers import ViTImageProcessorPil
