@@ -108,7 +108,9 @@ def load_model(ckpt: HFCheckpoint):
 
     cls = getattr(transformers, ckpt.architecture)
     try:
-        model = cls.from_pretrained(str(ckpt.folder), dtype=torch.float32)
+        # eager attention traces to MatMul -> Mul -> Softmax -> MatMul, the form `fuse_attention`
+        # turns into one MultiHeadAttention; SDPA's trace scales q and k apart and adds a Reshape
+        model = cls.from_pretrained(str(ckpt.folder), dtype=torch.float32, attn_implementation="eager")
     except Exception as exc:
         raise ExportError(f"could not load {ckpt.spec} as {ckpt.architecture}: {exc}") from exc
     return model.float().eval()

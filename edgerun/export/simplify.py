@@ -147,8 +147,14 @@ def gemm_as_matmul(graph) -> int:
 
 
 def ranks(model) -> dict[str, int]:
-    """Rank of every tensor of `model` that ONNX shape inference can tell, inputs and initializers
-    included. Inference runs on a copy that holds no weights (the initializers as typed inputs)."""
+    """Rank of every tensor of `model` that ONNX shape inference can tell (`shapes`)."""
+    return {name: len(dims) for name, dims in shapes(model).items()}
+
+
+def shapes(model) -> dict[str, list[int | None]]:
+    """Shape of every tensor of `model` that ONNX shape inference can tell, inputs and initializers
+    included, each dim an int where it is static and None where not. Inference runs on a copy that
+    holds no weights (the initializers as typed inputs)."""
     from onnx import helper, shape_inference
 
     graph = model.graph
@@ -163,7 +169,7 @@ def ranks(model) -> dict[str, int]:
     for value in list(inferred.value_info) + list(inferred.input) + list(inferred.output):
         kind = value.type.tensor_type
         if kind.HasField("shape"):
-            out[value.name] = len(kind.shape.dim)
+            out[value.name] = [d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim]
     return out
 
 
@@ -289,8 +295,9 @@ def _perm(node) -> list[int] | None:
 class _Attention:
     """One traced self-attention, softmax(q k^T * scale) v, matched around its Softmax."""
 
-    def __init__(self, g: _Graph, readers: dict, softmax):
-        self.ok = False
+    def __init__(self, g: _Graph, readers: dict, softmax, dims: _Dims | None = None,
+                 static: dict | None = None):
+        self.ok, self.dims, self.static = False, dims, static or {}
         if softmax.op_type != "Softmax" or _attr(softmax, "axis", -1) not in (-1, 3):
             return
         scaled = g.producer.get(softmax.input[0])
@@ -302,11 +309,15 @@ class _Attention:
             value = float(np.ravel(value)[0])
             self.scale = value if scaled.op_type == "Mul" else 1.0 / value
             scores = g.producer.get(scaled.input[0])
-        if scores is None or scores.op_type != "MatMul" or len(readers.get(softmax.output[0], [])) != 1:
+        probs = softmax.output[0]
+        while len(readers.get(probs, [])) == 1 and readers[probs][0].op_type == "Cast" and \
+                _attr(readers[probs][0], "to") == 1:  # float to float (eager attention's softmax dtype)
+            probs = readers[probs][0].output[0]
+        if scores is None or scores.op_type != "MatMul" or len(readers.get(probs, [])) != 1:
             return
-        pv = readers[softmax.output[0]][0]
+        pv = readers[probs][0]
         after = readers.get(pv.output[0], [])
-        if pv.op_type != "MatMul" or pv.input[0] != softmax.output[0] or len(after) != 1:
+        if pv.op_type != "MatMul" or pv.input[0] != probs or len(after) != 1:
             return
         merge = after[0]
         last = readers.get(merge.output[0], [])
@@ -324,16 +335,18 @@ class _Attention:
         packed = self._packed(g, q, k_t, v)
         if packed is not None:
             return packed
-        heads = [self._split(g, name, key) for name, key in ((q, False), (k_t, True), (v, False))]
+        heads = [self._split(g, name, key, self.dims, self.static) for name, key in ((q, False), (k_t, True), (v, False))]
         if any(h is None for h in heads) or len({h[1] for h in heads}) != 1:
             return None
         return [h[0] for h in heads], heads[0][1]
 
     @staticmethod
-    def _split(g: _Graph, name: str, key: bool):
+    def _split(g: _Graph, name: str, key: bool, dims: _Dims | None = None, static: dict | None = None):
         """(X, heads) where `name` = Transpose(Reshape(X, [.., .., heads, hd]), perm (0, 2, 1, 3)); the
         key, transposed for the product, has perm (0, 2, 3, 1), or a (0, 1, 3, 2) Transpose after the
-        (0, 2, 1, 3) one (`k.transpose(-1, -2)`)."""
+        (0, 2, 1, 3) one (`k.transpose(-1, -2)`). With `dims` and `static` (`shapes`), also a shape
+        computed at run time whose heads and hd entries are constants, heads possibly -1 (then X's
+        static width over hd: Hugging Face's `view(*input_shape, -1, head_dim)`)."""
         node, perm = g.producer.get(name), [0, 2, 1, 3]
         if key and node is not None and node.op_type == "Transpose":
             if _perm(node) == [0, 1, 3, 2]:
@@ -343,10 +356,19 @@ class _Attention:
         if node is None or node.op_type != "Transpose" or _perm(node) != perm:
             return None
         reshape = g.producer.get(node.input[0])
-        shape = g.constant(reshape.input[1]) if reshape is not None and reshape.op_type == "Reshape" else None
-        if shape is None or shape.size != 4 or shape[2] <= 0:
+        if reshape is None or reshape.op_type != "Reshape":
             return None
-        return reshape.input[0], int(shape[2])
+        shape = g.constant(reshape.input[1])
+        if shape is None and dims is not None:
+            got = dims.of(reshape.input[1])
+            if got is not None and not got[1] and len(got[0]) == 4 and all(isinstance(e, int) for e in got[0][2:]):
+                shape = np.array([0, 0, *got[0][2:]])
+        if shape is None or shape.size != 4:
+            return None
+        heads, hd, width = int(shape[2]), int(shape[3]), ((static or {}).get(reshape.input[0]) or [None])[-1]
+        if heads == -1 and hd > 0 and width and width % hd == 0:
+            heads = width // hd
+        return (reshape.input[0], heads) if heads > 0 else None
 
     @staticmethod
     def _packed(g: _Graph, q: str, k_t: str, v: str):
@@ -390,8 +412,9 @@ def fuse_attention(model) -> int:
     """Replace each traced self-attention without a mask (Softmax(MatMul(q, k^T) * scale) times v,
     heads split and merged by Reshape/Transpose) in `model` (a ModelProto) by onnxruntime's
     com.microsoft MultiHeadAttention over the (B, S, D) projections; returns how many. BLIP's
-    packed QKV projection is split in three first. For onnxruntime variants only (TensorRT does not
-    parse com.microsoft ops).
+    packed QKV projection is split in three first. Hugging Face's eager attention (ViT, CLIP: a
+    float-to-float Cast after the Softmax, head shapes computed from the input's dims with -1 heads)
+    is matched too. For onnxruntime variants only (TensorRT does not parse com.microsoft ops).
 
     The fused kernel runs the heads in parallel with the softmax in place, and does away with the
     Gathers and Transposes that picked q, k, v out of a packed projection. Other attention shapes
@@ -404,9 +427,11 @@ def fuse_attention(model) -> int:
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
+    static = shapes(model) if any(n.op_type == "Softmax" for n in graph.node) else {}
+    dims = _Dims(g, {name: len(d) for name, d in static.items()})
     replace: dict[str, list] = {}  # output name -> the nodes that now write it
     for softmax in graph.node:
-        match = _Attention(g, readers, softmax) if softmax.op_type == "Softmax" else None
+        match = _Attention(g, readers, softmax, dims, static) if softmax.op_type == "Softmax" else None
         if match is None or not match.ok:
             continue
         sources, heads = match.qkv

@@ -196,6 +196,31 @@ def test_decoder_products_read_their_inputs_unflattened(report, hf_model):
     assert sum(n.op_type == "Shape" for n in graph.node) < len(products)  # was 3 per product
 
 
+def test_vit_self_attention_fuses_for_the_cpu_variant(report, hf_model, tmp_path):
+    """Hugging Face's ViT, exported with eager attention (a float Cast after the Softmax, heads as
+    -1 in a shape computed from the input's dims), fuses into MultiHeadAttention, same output."""
+    import onnxruntime as ort
+
+    from edgerun.export.simplify import fuse_attention
+
+    vision = report.path / "vision.onnx"
+    model = onnx.load(str(vision))
+    layers = hf_model.config.encoder.num_hidden_layers
+    assert fuse_attention(model) == layers
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops
+    heads = {a.i for n in model.graph.node if n.op_type == "MultiHeadAttention" for a in n.attribute
+             if a.name == "num_heads"}
+    assert heads == {hf_model.config.encoder.num_attention_heads}
+    fused = tmp_path / "vision-fused.onnx"
+    onnx.save_model(model, str(fused))
+    size = hf_model.config.encoder.image_size
+    x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"pixel_values": x})[0]
+                 for p in (vision, fused))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_real_photo_caption_matches_generate(model, hf_model, checkpoint):
     from skimage import data
     from transformers import ViTImageProcessorPil
