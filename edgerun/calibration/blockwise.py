@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..export.simplify import initializer_behind
 from .decoder import _ranks, apply_rewrite, rewritable
 from .nodes import Target, attr, readers_of
 from .qdq import opset
@@ -168,17 +169,6 @@ def quantize_blockwise_weights(model, targets: Sequence[Target]) -> int:
     return len(chosen)
 
 
-def _initializer(name: str, inits: dict, producer: dict) -> str | None:
-    """The initializer `name` is, through any Identity nodes (how exporters share equal weights:
-    a random-weight model's zero biases all read one), else None."""
-    while name not in inits:
-        node = producer.get(name)
-        if node is None or node.op_type != "Identity":
-            return None
-        name = node.input[0]
-    return name
-
-
 def fold_biases(model) -> int:
     """Give each MatMulNBits whose only reader adds a constant vector of its width that vector as the
     op's bias input, and drop the Add; returns how many were folded.
@@ -203,7 +193,7 @@ def fold_biases(model) -> int:
             continue
         add = users[0]
         bias = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        bias = None if bias == node.output[0] else _initializer(bias, inits, producer)
+        bias = None if bias == node.output[0] else initializer_behind(bias, inits, producer)
         if bias is None:
             continue
         init = inits[bias]

@@ -334,6 +334,8 @@ def integer_matmuls(model) -> int:
     output column) stays as it is."""
     from onnx import helper
 
+    from ..export.simplify import drop_dead_nodes, initializer_behind
+
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     made = {o: n for n in graph.node for o in n.output}
@@ -351,14 +353,12 @@ def integer_matmuls(model) -> int:
         if len(after) != 1 or after[0].op_type != "Add":
             return None
         add = after[0]
-        bias = add.input[1] if add.input[0] == matmul.output[0] else add.input[0]
-        if _dims(inits, bias) != [n[1]]:
+        bias = initializer_behind(add.input[1] if add.input[0] == matmul.output[0] else add.input[0], inits, made)
+        if bias is None or _dims(inits, bias) != [n[1]]:
             return None
         return add, helper.make_node("MatMulIntegerToFloat", [a.input[0], w.input[0], a.input[1], w.input[1], a.input[2],
                                                              w.input[2], bias], [add.output[0]],
                                      name=f"{matmul.name}_integer", domain="com.microsoft")
-
-    from ..export.simplify import drop_dead_nodes
 
     swaps = {id(m): f for m in graph.node if m.op_type == "MatMul" and (f := fused(m)) is not None}
     if not swaps:

@@ -18,6 +18,17 @@ def _attr(node, name: str, default=0):
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
+def initializer_behind(name: str, inits, producer: dict) -> str | None:
+    """The initializer `name` is, through any Identity nodes (how the exporter shares equal
+    constants: a random-weight model's zero biases all read one), else None."""
+    while name not in inits:
+        node = producer.get(name)
+        if node is None or node.op_type != "Identity":
+            return None
+        name = node.input[0]
+    return name
+
+
 class _Graph:
     def __init__(self, graph):
         from onnx import numpy_helper
@@ -27,14 +38,7 @@ class _Graph:
         self.inits = {i.name: i for i in graph.initializer}
 
     def initializer(self, name: str) -> str | None:
-        """The initializer `name` is, or reads through Identity nodes (an exporter shares equal
-        constants that way), else None."""
-        while name not in self.inits:
-            node = self.producer.get(name)
-            if node is None or node.op_type != "Identity":
-                return None
-            name = node.input[0]
-        return name
+        return initializer_behind(name, self.inits, self.producer)
 
     def constant(self, name: str):
         if name in self.inits:

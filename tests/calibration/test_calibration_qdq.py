@@ -316,7 +316,10 @@ def test_a_centred_gemm_input_gets_its_shift_back_in_the_bias(trans_b):
     np.testing.assert_allclose(_run(model, x)[0], want, atol=2e-4, rtol=1e-5)
 
 
-def test_the_onnxruntime_variant_adds_its_biases_inside_the_integer_kernel():
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_onnxruntime_variant_adds_its_biases_inside_the_integer_kernel(shared):
+    """`shared`: the bias reaches the Add through an Identity, as the exporter shares equal
+    constants (a random-weight model's zero biases)."""
     from onnx import TensorProto, helper, numpy_helper
 
     from edgerun.calibration.qdq import integer_matmuls
@@ -326,9 +329,10 @@ def test_the_onnxruntime_variant_adds_its_biases_inside_the_integer_kernel():
     w, b, w2 = (rng.standard_normal(shape).astype(np.float32) for shape in ((8, 6), (6,), (8, 4)))
 
     def model():
+        share = [helper.make_node("Identity", ["b"], ["b_shared"], name="share")] if shared else []
         graph = helper.make_graph(
-            [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
-             helper.make_node("Add", ["h", "b"], ["y"], name="bias"),
+            [*share, helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Add", ["b_shared" if shared else "b", "h"], ["y"], name="bias"),
              helper.make_node("MatMul", ["x", "w2"], ["z"], name="nobias")],
             "mm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
@@ -343,6 +347,6 @@ def test_the_onnxruntime_variant_adds_its_biases_inside_the_integer_kernel():
     assert integer_matmuls(fused) == 1  # the product with a bias; the other has nothing to fold
     ops = [n.op_type for n in fused.graph.node]
     assert ops.count("MatMulIntegerToFloat") == 1 and ops.count("Add") == 0 and ops.count("MatMul") == 1
-    assert "DequantizeLinear" in ops  # the second product still reads the dequantized input
+    assert "DequantizeLinear" in ops and "Identity" not in ops  # the second product still reads the dequantized input
     for got, want in zip(_run(fused, x), _run(plain, x)):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # the bias added in another order: ulps
