@@ -4,6 +4,7 @@
     python benchmarks/int8_zoo.py recall FLOAT INT8          # recall@1/@5 both ways, each INT8 variant
     python benchmarks/int8_zoo.py top1 FLOAT INT8 --crops 1200   # EfficientNet-Lite0 top-1 agreement
     python benchmarks/int8_zoo.py top1 FLOAT INT8 --floor        # ... and the fp16-weights noise floor
+    python benchmarks/int8_zoo.py top1 FLOAT INT8 --decompose    # ... and activations / weights INT8 alone
 
 Both INT8 variants run on onnxruntime's CPU provider: `cpu` (U8S8 Q/DQ, what `edgerun.load` picks on
 CPU) and `tensorrt` (the symmetric S8 Q/DQ file TensorRT builds; onnxruntime runs the same
@@ -117,15 +118,61 @@ def crops(n: int, seed: int) -> tuple[list[np.ndarray], int]:
     return [view(images[i % len(images)], rng) for i in range(n)], len(images)
 
 
-def logits_session(path: Path):
-    """A session of the image graph that returns the classifier's logits (its last Gemm's output)."""
+def logits_session(path: Path, *, requantize: bool = True):
+    """A session of the image graph that returns the classifier's logits (its last Gemm's output).
+    `requantize=False` turns off onnxruntime's WeightBiasQuantization, which would quantize a
+    float weight (per tensor) wherever its layer reads a dequantized activation."""
     import onnx
+    import onnxruntime as ort
 
-    from edgerun.calibration.collect import augment, session
+    from edgerun.calibration.collect import augment, session, session_options
 
     graph = onnx.load(str(path), load_external_data=False).graph
     gemm = [n for n in graph.node if n.op_type == "Gemm"][-1].output[0]
-    return session(augment(path, [gemm]), path.parent, 2, lean=False), gemm
+    if requantize:
+        return session(augment(path, [gemm]), path.parent, 2, lean=False), gemm
+    so = session_options(2)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return ort.InferenceSession(augment(path, [gemm]), so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=["WeightBiasQuantization"]), gemm
+
+
+def half_quantized(float_path: Path, int8_path: Path, keep: str) -> Path:
+    """A copy of the INT8 graph at `int8_path` quantized on one side only. keep="activations": its
+    convolutions and Gemms read the float weights and biases of `float_path` again (matched by node
+    name); keep="weights": they read their float input instead of the dequantized one."""
+    import tempfile
+
+    import onnx
+
+    floats = onnx.load(str(float_path))
+    by_name = {n.name: n for n in floats.graph.node}
+    tensors = {t.name: t for t in floats.graph.initializer}
+    model = onnx.load(str(int8_path))
+    graph = model.graph
+    made = {o: n for n in graph.node for o in n.output}
+    inits = {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type not in ("Conv", "Gemm") or node.name not in by_name:
+            continue
+        dq = made.get(node.input[0])
+        if keep == "weights" and dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] not in inits:
+            q = made.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[0] = q.input[0]
+        if keep == "activations":
+            for i in (1, 2):
+                if i < len(node.input) and i < len(by_name[node.name].input):
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(tensors[by_name[node.name].input[i]])
+                    copy.name = f"{node.name}_float_{i}"
+                    graph.initializer.append(copy)
+                    node.input[i] = copy.name
+    folder = Path(tempfile.mkdtemp(prefix="int8_zoo_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    out = folder / f"{keep}.onnx"
+    onnx.save_model(model, str(out), save_as_external_data=True, location=out.name + ".data")
+    return out
 
 
 def fp16_weights(path: Path) -> Path:
@@ -149,7 +196,7 @@ def fp16_weights(path: Path) -> Path:
 
 
 def run_top1(float_bundle: Path, int8_bundle: Path, n: int, seed: int, batch: int = 32,
-             floor: bool = False) -> None:
+             floor: bool = False, decompose: bool = False) -> None:
     import edgerun
 
     model = edgerun.load(float_bundle, threads=2)
@@ -159,9 +206,13 @@ def run_top1(float_bundle: Path, int8_bundle: Path, n: int, seed: int, batch: in
     if floor:
         files["fp16 weights"] = fp16_weights(files["float"])
     files.update({f"int8 {k}": v["image_embed"] for k, v in variant_files(int8_bundle).items()})
+    if decompose:
+        cpu = files["int8 cpu"]
+        files["cpu, acts only"] = half_quantized(files["float"], cpu, "activations")
+        files["cpu, weights only"] = half_quantized(files["float"], cpu, "weights")
     top = {}
     for name, path in files.items():
-        sess, gemm = logits_session(path)
+        sess, gemm = logits_session(path, requantize=not name.startswith("cpu, "))
         got = [sess.run([gemm], {"pixel_values": model.pixel_values(pics[i:i + batch])})[0]
                for i in range(0, n, batch)]
         top[name] = np.concatenate(got)
@@ -191,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--crops", type=int, default=1200)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--floor", action="store_true", help="also the float graph with fp16-rounded weights")
+    p.add_argument("--decompose", action="store_true",
+                   help="also the cpu variant with only its activations, and only its weights, INT8")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.cmd == "photos":
@@ -198,7 +251,8 @@ def main(argv=None) -> int:
     elif args.cmd == "recall":
         run_recall(args.float_bundle, args.int8_bundle)
     else:
-        run_top1(args.float_bundle, args.int8_bundle, args.crops, args.seed, floor=args.floor)
+        run_top1(args.float_bundle, args.int8_bundle, args.crops, args.seed, floor=args.floor,
+                 decompose=args.decompose)
     return 0
 
 

@@ -1,0 +1,280 @@
+"""Small measurements behind docs/benchmarks.md's notes on kernels: where a graph's time goes, two
+bundles alternating, and two isolated kernel comparisons.
+
+    python benchmarks/graph_probe.py profile MODULE.onnx [--past 10]     # a decoder step or an encoder, by op type
+    python benchmarks/graph_probe.py captions BUNDLE_A BUNDLE_B [--rounds 12]   # alternating captions
+    python benchmarks/graph_probe.py gqa [--past 10]     # 12 self-attentions: decomposed vs GroupQueryAttention
+    python benchmarks/graph_probe.py head [--vocab 50257]   # tied LM head: through a Reshape vs prepacked
+
+`profile` feeds random inputs (3 rows, one new token, the given past, batch 1; 384 px for an image
+input unless its size is fixed) to a session with 2 threads and spinning off, and sums
+onnxruntime's profiler per op type over 25 calls (the profiler inflates small kernels).
+`captions`: one process, both bundles loaded, captions of scikit-image's astronaut (3 beams, exactly
+20 new tokens) taken in turn; medians of the decoder time, the step, and the bookkeeping.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _options():
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return so
+
+
+def _feeds(session, past: int) -> dict:
+    dims = {"rows": 3, "new": 1, "past": past, "batch": 1}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) else dims.get(d, 1) for d in i.shape]
+        if i.name == "pixel_values":
+            shape = [1, 3] + [d if isinstance(d, int) else 384 for d in i.shape[2:]]
+        if "int64" in i.type:
+            feeds[i.name] = rng.integers(0, 1000, shape).astype(np.int64)
+        else:
+            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def profile(path: Path, past: int) -> None:
+    import onnxruntime as ort
+
+    plain = ort.InferenceSession(str(path), _options(), providers=["CPUExecutionProvider"])
+    feeds = _feeds(plain, past)
+    for _ in range(5):
+        plain.run(None, feeds)
+    times = []
+    for _ in range(30):
+        start = time.perf_counter()
+        plain.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    print(f"{path.name}: {np.median(times) * 1e3:.2f} ms a call (median of 30)")
+    so = _options()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "graph_probe")
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    calls = 25
+    for _ in range(calls):
+        session.run(None, feeds)
+    report = Path(session.end_profiling())
+    events = json.loads(report.read_text())
+    report.unlink()
+    spent, count = collections.defaultdict(float), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            spent[e["args"]["op_name"]] += e["dur"]
+            count[e["args"]["op_name"]] += 1
+    print(f"kernels: {sum(spent.values()) / calls / 1e3:.2f} ms, {sum(count.values()) // calls} a call")
+    for op, us in sorted(spent.items(), key=lambda kv: -kv[1])[:14]:
+        print(f"  {op:26s} {us / calls / 1e3:7.2f} ms  x{count[op] // calls}")
+
+
+def captions(bundles: list[Path], rounds: int) -> None:
+    from skimage import data
+
+    import edgerun
+
+    image = data.astronaut()
+    opts = {"num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 20}
+    models = [edgerun.load(b, threads=2) for b in bundles]
+    first = [m.caption(image, **opts) for m in models]
+    print("same tokens:", all(c.token_ids == first[0].token_ids for c in first),
+          "scores:", [round(c.score, 6) for c in first])
+    seen = [{"decoder": [], "step": [], "bookkeeping": []} for _ in models]
+    for _ in range(rounds):
+        for m, s in zip(models, seen):
+            m.caption(image, **opts)
+            t = m.last_timings
+            s["decoder"].append(t["decoder"] * 1e3)
+            s["step"].append(t["decoder_per_token"] * 1e3)
+            s["bookkeeping"].append(t["beam_bookkeeping"] * 1e3)
+    for b, s in zip(bundles, seen):
+        print(f"{b}: decoder {np.median(s['decoder']):.1f} ms, step {np.median(s['step']):.2f} ms, "
+              f"bookkeeping {np.median(s['bookkeeping']):.2f} ms")
+
+
+def _alternate(sessions: dict, feeds: dict, rounds: int = 200) -> None:
+    for run in sessions.values():
+        for _ in range(20):
+            run()
+    times = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, run in sessions.items():
+            start = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - start)
+    for k, v in times.items():
+        print(f"  {k:28s} {np.median(v) * 1e3:.3f} ms (median of {rounds} alternating calls)")
+
+
+def gqa(past: int, layers: int = 12, rows: int = 3, heads: int = 8, size: int = 96, room: int = 32) -> None:
+    """`layers` self-attentions over a cached past: the standard-op form of edge-run's decoders
+    (split, per-head reshapes, products against past and new keys apart) against com.microsoft
+    GroupQueryAttention writing the new K/V into a preallocated buffer (past = present via IO binding)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    width = heads * size
+    f32 = TensorProto.FLOAT
+
+    def ints(name, values):
+        return numpy_helper.from_array(np.array(values, np.int64), name)
+
+    nodes, inputs, outputs = [], [], []
+    inits = [ints("heads_shape", [0, 0, heads, size]), ints("merged_shape", [0, 0, width]),
+             ints("widths", [width] * 3), ints("zero", [0]), ints("past", [past]), ints("end", [past + 1]),
+             ints("last", [-1]), numpy_helper.from_array(np.array(np.sqrt(size), np.float32), "scale")]
+    for layer in range(layers):
+        p = f"l{layer}_"
+        inputs += [helper.make_tensor_value_info(p + "qkv", f32, [rows, 1, 3 * width]),
+                   helper.make_tensor_value_info(p + "pk", f32, [rows, heads, past, size]),
+                   helper.make_tensor_value_info(p + "pv", f32, [rows, heads, past, size])]
+        nodes.append(helper.make_node("Split", [p + "qkv", "widths"], [p + "q", p + "k", p + "v"], axis=-1))
+        for x in "qkv":
+            nodes += [helper.make_node("Reshape", [p + x, "heads_shape"], [p + x + "r"]),
+                      helper.make_node("Transpose", [p + x + "r"], [p + x + "t"], perm=[0, 2, 1, 3])]
+        nodes += [helper.make_node("Transpose", [p + "pk"], [p + "pkT"], perm=[0, 1, 3, 2]),
+                  helper.make_node("MatMul", [p + "qt", p + "pkT"], [p + "s1"]),
+                  helper.make_node("Transpose", [p + "kt"], [p + "kT"], perm=[0, 1, 3, 2]),
+                  helper.make_node("MatMul", [p + "qt", p + "kT"], [p + "s2"]),
+                  helper.make_node("Concat", [p + "s1", p + "s2"], [p + "s"], axis=-1),
+                  helper.make_node("Div", [p + "s", "scale"], [p + "sd"]),
+                  helper.make_node("Softmax", [p + "sd"], [p + "pr"], axis=-1),
+                  helper.make_node("Slice", [p + "pr", "zero", "past", "last"], [p + "p1"]),
+                  helper.make_node("Slice", [p + "pr", "past", "end", "last"], [p + "p2"]),
+                  helper.make_node("MatMul", [p + "p1", p + "pv"], [p + "o1"]),
+                  helper.make_node("MatMul", [p + "p2", p + "vt"], [p + "o2"]),
+                  helper.make_node("Add", [p + "o1", p + "o2"], [p + "o"]),
+                  helper.make_node("Transpose", [p + "o"], [p + "ot"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Reshape", [p + "ot", "merged_shape"], [p + "out"])]
+        outputs += [helper.make_tensor_value_info(p + n, f32, None) for n in ("out", "kr", "vr")]
+    standard = helper.make_model(helper.make_graph(nodes, "standard", inputs, outputs, inits),
+                                 opset_imports=[helper.make_opsetid("", 18)])
+    nodes, inputs, outputs = [], [helper.make_tensor_value_info("seqlens", TensorProto.INT32, [rows]),
+                                  helper.make_tensor_value_info("total", TensorProto.INT32, [1])], []
+    for layer in range(layers):
+        p = f"l{layer}_"
+        inputs += [helper.make_tensor_value_info(p + "qkv", f32, [rows, 1, 3 * width]),
+                   helper.make_tensor_value_info(p + "pk", f32, [rows, heads, room, size]),
+                   helper.make_tensor_value_info(p + "pv", f32, [rows, heads, room, size])]
+        nodes.append(helper.make_node("GroupQueryAttention", [p + "qkv", "", "", p + "pk", p + "pv", "seqlens", "total"],
+                                      [p + "out", p + "k_out", p + "v_out"], domain="com.microsoft",
+                                      num_heads=heads, kv_num_heads=heads))
+        outputs += [helper.make_tensor_value_info(p + "out", f32, None),
+                    helper.make_tensor_value_info(p + "k_out", f32, [rows, heads, room, size]),
+                    helper.make_tensor_value_info(p + "v_out", f32, [rows, heads, room, size])]
+    fused = helper.make_model(helper.make_graph(nodes, "gqa", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for layer in range(layers):
+        feeds[f"l{layer}_qkv"] = rng.standard_normal((rows, 1, 3 * width), np.float32)
+        for x in ("pk", "pv"):
+            feeds[f"l{layer}_{x}"] = rng.standard_normal((rows, heads, past, size), np.float32)
+    a = ort.InferenceSession(standard.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(fused.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+    binding, buffers = b.io_binding(), {}
+    for layer in range(layers):
+        p = f"l{layer}_"
+        for x, out in (("pk", "k_out"), ("pv", "v_out")):
+            buf = np.zeros((rows, heads, room, size), np.float32)
+            buf[:, :, :past] = feeds[p + x]
+            buffers[p + x] = buf
+            binding.bind_cpu_input(p + x, buf)
+            binding.bind_output(p + out, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        binding.bind_cpu_input(p + "qkv", feeds[p + "qkv"])
+        binding.bind_output(p + "out")
+    binding.bind_cpu_input("seqlens", np.full(rows, past, np.int32))
+    binding.bind_cpu_input("total", np.array([past + 1], np.int32))
+    want = a.run(["l0_out"], feeds)[0]
+    b.run_with_iobinding(binding)
+    got = binding.get_outputs()[2].numpy()
+    written = buffers["l0_pk"][:, :, past] - feeds["l0_qkv"][:, 0, width:2 * width].reshape(rows, heads, size)
+    print(f"{layers} layers, {rows} rows, {heads} heads x {size}, past {past}: outputs within "
+          f"{np.abs(got - want).max():.1e}, new key written in place within {np.abs(written).max():.1e}")
+    _alternate({"standard ops": lambda: a.run(None, feeds), "GroupQueryAttention": lambda: b.run_with_iobinding(binding)},
+               feeds)
+
+
+def head(vocab: int, width: int = 768, rows: int = 3) -> None:
+    """A tied LM head: the table read through a run-time Reshape (as edge-run exports it, so that
+    onnxruntime does not prepack a copy), the same with the table as the streamed operand, and
+    the plain constant Gemm that onnxruntime prepacks."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = (np.random.default_rng(0).standard_normal((vocab, width)) * 0.02).astype(np.float32)
+
+    def model(kind: str):
+        inits = [numpy_helper.from_array(table, "E")] + [numpy_helper.from_array(np.array([v], np.int64), n)
+                                                         for n, v in (("one", 1), ("two", 2), ("rows", -1))]
+        nodes = [helper.make_node("Gather", ["E", "ids"], ["emb"], axis=0)]
+        if kind == "prepacked constant":
+            nodes.append(helper.make_node("Gemm", ["x", "E"], ["y"], transB=1))
+        else:
+            nodes += [helper.make_node("Shape", ["x"], ["xs"]), helper.make_node("Slice", ["xs", "one", "two"], ["w"]),
+                      helper.make_node("Concat", ["rows", "w"], ["es"], axis=0),
+                      helper.make_node("Reshape", ["E", "es"], ["Er"])]
+            if kind == "through a Reshape":
+                nodes.append(helper.make_node("Gemm", ["x", "Er"], ["y"], transB=1))
+            else:
+                nodes += [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0]),
+                          helper.make_node("MatMul", ["Er", "xt"], ["yt"]),
+                          helper.make_node("Transpose", ["yt"], ["y"], perm=[1, 0])]
+        graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", width]),
+                                                  helper.make_tensor_value_info("ids", TensorProto.INT64, ["r"])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                                   helper.make_tensor_value_info("emb", TensorProto.FLOAT, None)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    feeds = {"x": np.random.default_rng(1).standard_normal((rows, width)).astype(np.float32),
+             "ids": np.arange(rows, dtype=np.int64)}
+    kinds = ("through a Reshape", "streamed as MatMul(E, h^T)", "prepacked constant")
+    sessions = {k: ort.InferenceSession(model(k).SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+                for k in kinds}
+    want = sessions[kinds[0]].run(["y"], feeds)[0]
+    for k, s in sessions.items():
+        print(f"  {k}: logits within {np.abs(s.run(['y'], feeds)[0] - want).max():.1e}")
+    print(f"{vocab} x {width} table ({table.nbytes / 1e6:.0f} MB), {rows} rows:")
+    _alternate({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, feeds, rounds=40)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("profile")
+    p.add_argument("module", type=Path)
+    p.add_argument("--past", type=int, default=10)
+    p = sub.add_parser("captions")
+    p.add_argument("bundles", type=Path, nargs=2)
+    p.add_argument("--rounds", type=int, default=12)
+    sub.add_parser("gqa").add_argument("--past", type=int, default=10)
+    sub.add_parser("head").add_argument("--vocab", type=int, default=50257)
+    args = ap.parse_args(argv)
+    if args.command == "profile":
+        profile(args.module, args.past)
+    elif args.command == "captions":
+        captions(args.bundles, args.rounds)
+    elif args.command == "gqa":
+        gqa(args.past)
+    else:
+        head(args.vocab)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
