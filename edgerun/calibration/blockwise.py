@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..export.simplify import initializer_behind
+from ..export.simplify import initializer_behind, remove_nodes
 from .decoder import _ranks, apply_rewrite, rewritable
 from .nodes import Target, attr, readers_of
 from .qdq import opset
@@ -204,9 +204,7 @@ def fold_biases(model) -> int:
         dropped.add(id(add))
         folded += 1
     if folded:
-        kept = [n for n in graph.node if id(n) not in dropped]
-        del graph.node[:]
-        graph.node.extend(kept)
+        remove_nodes(graph, dropped)
     return folded
 
 

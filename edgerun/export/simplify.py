@@ -285,11 +285,16 @@ def unflatten_matmuls(model) -> int:
         drop.add(id(back))
         done += 1
     if done:
-        keep = [n for n in graph.node if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(keep)
+        remove_nodes(graph, drop)
         drop_dead_nodes(graph)
     return done
+
+
+def remove_nodes(graph, gone: set[int]) -> None:
+    """Take the nodes whose id() is in `gone` out of `graph`, the others keeping their order."""
+    kept = [n for n in graph.node if id(n) not in gone]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 def _perm(node) -> list[int] | None:
