@@ -103,8 +103,8 @@ def all_photos() -> list[Path]:
     return files
 
 
-def crops(n: int, seed: int) -> tuple[list[np.ndarray], int]:
-    from edgerun.calibration.sources import view
+def photo_images() -> list[np.ndarray]:
+    """Every real photo the installed packages ship, decoded (unreadable ones skipped)."""
     from edgerun.errors import InputError
     from edgerun.runtime.image import load_image
 
@@ -114,6 +114,13 @@ def crops(n: int, seed: int) -> tuple[list[np.ndarray], int]:
             images.append(load_image(path))
         except (InputError, OSError):
             pass
+    return images
+
+
+def crops(n: int, seed: int) -> tuple[list[np.ndarray], int]:
+    from edgerun.calibration.sources import view
+
+    images = photo_images()
     rng = np.random.default_rng(seed)
     return [view(images[i % len(images)], rng) for i in range(n)], len(images)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from int8_zoo import all_photos, variant_files
+from int8_zoo import photo_images, variant_files
 
 
 def _key(node_name: str) -> str:
@@ -133,9 +133,7 @@ def main(argv=None) -> int:
 
     import edgerun
     from edgerun.calibration.sources import view
-    from edgerun.errors import InputError
     from edgerun.models.zoo import load_classifier
-    from edgerun.runtime.image import load_image
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -144,12 +142,7 @@ def main(argv=None) -> int:
     layers = int8_layers(variant_files(args.int8_bundle)["cpu"]["image_embed"])
     student = student_of(net, layers, args.start)
     model = edgerun.load(args.float_bundle, threads=2)
-    photos = []
-    for path in all_photos():
-        try:
-            photos.append(load_image(path))
-        except (InputError, OSError):
-            pass
+    photos = photo_images()
     train, held_out = photos[0::2], photos[1::2]
 
     def crops(images, rng, n):
