@@ -26,9 +26,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..export.simplify import initializer_behind, remove_nodes
+from ..export.simplify import initializer_behind, readers_of, remove_nodes
 from .decoder import _ranks, apply_rewrite, rewritable
-from .nodes import Target, attr, readers_of
+from .nodes import Target, attr
 from .qdq import opset
 
 MIN_ONNXRUNTIME = "1.23"  # 8-bit GatherBlockQuantized (the tied embedding)

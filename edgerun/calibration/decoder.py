@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .nodes import Target, attr, load_model, plain_gemm, readers_of
+from ..export.simplify import readers_of
+from .nodes import Target, attr, load_model, plain_gemm
 from .qdq import quantize_weight, weight_scales
 
 

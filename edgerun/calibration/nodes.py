@@ -66,16 +66,6 @@ def load_model(path):
         raise BundleError(f"{path}: onnx could not read its weights: {err}") from None
 
 
-def readers_of(graph) -> dict[str, list]:
-    """Each tensor name -> the nodes that read it, in graph order (a node reading a tensor twice is
-    listed twice)."""
-    out: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            out.setdefault(name, []).append(node)
-    return out
-
-
 def attr(node, name: str, default=None):
     """The value of attribute `name` of an onnx node (ints, floats, lists, bytes), else `default`."""
     from onnx import helper

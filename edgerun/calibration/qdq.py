@@ -39,7 +39,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..errors import OptionError
-from .nodes import Target, attr, plain_gemm, readers_of
+from ..export.simplify import drop_dead_nodes, initializer_behind, readers_of
+from .nodes import Target, attr, plain_gemm
 from .stats import Range
 
 SCHEMES = ("tensorrt", "cpu")
@@ -336,8 +337,6 @@ def integer_matmuls(model) -> int:
     standard ops); a layer whose scales do not fit the op (per-tensor activations, weights per
     output column) stays as it is."""
     from onnx import helper
-
-    from ..export.simplify import drop_dead_nodes, initializer_behind
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}

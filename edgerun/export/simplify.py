@@ -18,6 +18,16 @@ def _attr(node, name: str, default=0):
     return next((a.i for a in node.attribute if a.name == name), default)
 
 
+def readers_of(graph) -> dict[str, list]:
+    """Each tensor name -> the nodes that read it, in graph order (a node reading a tensor twice is
+    listed twice)."""
+    out: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
 def initializer_behind(name: str, inits, producer: dict) -> str | None:
     """The initializer `name` is, through any Identity nodes (how the exporter shares equal
     constants: a random-weight model's zero biases all read one), else None."""
@@ -182,10 +192,12 @@ def shapes(model) -> dict[str, list[int | None]]:
 
 class _Dims:
     """Shape arithmetic read symbolically: what a small int64 tensor built from Shape, Gather, Slice,
-    Squeeze, Unsqueeze, Concat and constants holds, each entry an int or ("dim", tensor, axis)."""
+    Squeeze, Unsqueeze, Concat and constants holds, each entry an int or ("dim", tensor, axis).
+    `shapes`: what ONNX shape inference tells of the graph's tensors (`shapes()`)."""
 
-    def __init__(self, g: _Graph, rank: dict[str, int]):
-        self.g, self.rank = g, rank
+    def __init__(self, g: _Graph, shapes: dict[str, list[int | None]]):
+        self.g, self.shapes = g, shapes
+        self.rank = {name: len(dims) for name, dims in shapes.items()}
 
     def of(self, name: str) -> tuple[list, bool] | None:
         """(entries, is_scalar) of tensor `name`, or None when it is not such arithmetic."""
@@ -250,11 +262,8 @@ def unflatten_matmuls(model) -> int:
     hold (`_Dims`), not on how the tracer spelt them."""
     graph = model.graph
     g = _Graph(graph)
-    dims = _Dims(g, ranks(model))
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    dims = _Dims(g, shapes(model))
+    readers = readers_of(graph)
     drop, done = set(), 0
     for matmul in graph.node:
         if matmul.op_type != "MatMul" or matmul.input[1] not in g.inits:
@@ -307,9 +316,8 @@ def _perm(node) -> list[int] | None:
 class _Attention:
     """One traced self-attention, softmax(q k^T * scale) v, matched around its Softmax."""
 
-    def __init__(self, g: _Graph, readers: dict, softmax, dims: _Dims | None = None,
-                 static: dict | None = None):
-        self.ok, self.dims, self.static = False, dims, static or {}
+    def __init__(self, g: _Graph, readers: dict, softmax, dims: _Dims | None = None):
+        self.ok, self.dims = False, dims
         if softmax.op_type != "Softmax" or _attr(softmax, "axis", -1) not in (-1, 3):
             return
         scaled = g.producer.get(softmax.input[0])
@@ -347,17 +355,16 @@ class _Attention:
         packed = self._packed(g, q, k_t, v)
         if packed is not None:
             return packed
-        heads = [self._split(g, name, key, self.dims, self.static) for name, key in ((q, False), (k_t, True), (v, False))]
+        heads = [self._split(g, name, key, self.dims) for name, key in ((q, False), (k_t, True), (v, False))]
         if any(h is None for h in heads) or len({h[1] for h in heads}) != 1:
             return None
         return [h[0] for h in heads], heads[0][1]
 
     @staticmethod
-    def _split(g: _Graph, name: str, key: bool, dims: _Dims | None = None, static: dict | None = None):
+    def _split(g: _Graph, name: str, key: bool, dims: _Dims | None = None):
         """(X, heads) where `name` = Transpose(Reshape(X, [.., .., heads, hd]), perm (0, 2, 1, 3)); the
         key, transposed for the product, has perm (0, 2, 3, 1), or a (0, 1, 3, 2) Transpose after the
-        (0, 2, 1, 3) one (`k.transpose(-1, -2)`). With `dims` and `static` (`shapes`), also a shape
-        computed at run time whose heads and hd entries are constants, heads possibly -1 (then X's
+        (0, 2, 1, 3) one (`k.transpose(-1, -2)`). With `dims`, also a shape computed at run time whose heads and hd entries are constants, heads possibly -1 (then X's
         static width over hd: Hugging Face's `view(*input_shape, -1, head_dim)`)."""
         node, perm = g.producer.get(name), [0, 2, 1, 3]
         if key and node is not None and node.op_type == "Transpose":
@@ -377,7 +384,8 @@ class _Attention:
                 shape = np.array([0, 0, *got[0][2:]])
         if shape is None or shape.size != 4:
             return None
-        heads, hd, width = int(shape[2]), int(shape[3]), ((static or {}).get(reshape.input[0]) or [None])[-1]
+        width = ((dims.shapes.get(reshape.input[0]) if dims else None) or [None])[-1]
+        heads, hd = int(shape[2]), int(shape[3])
         if heads == -1 and hd > 0 and width and width % hd == 0:
             heads = width // hd
         return (reshape.input[0], heads) if heads > 0 else None
@@ -435,15 +443,11 @@ def fuse_attention(model) -> int:
 
     graph = model.graph
     g = _Graph(graph)
-    readers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    static = shapes(model) if any(n.op_type == "Softmax" for n in graph.node) else {}
-    dims = _Dims(g, {name: len(d) for name, d in static.items()})
+    readers = readers_of(graph)
+    dims = _Dims(g, shapes(model) if any(n.op_type == "Softmax" for n in graph.node) else {})
     replace: dict[str, list] = {}  # output name -> the nodes that now write it
     for softmax in graph.node:
-        match = _Attention(g, readers, softmax, dims, static) if softmax.op_type == "Softmax" else None
+        match = _Attention(g, readers, softmax, dims) if softmax.op_type == "Softmax" else None
         if match is None or not match.ok:
             continue
         sources, heads = match.qkv
