@@ -94,7 +94,7 @@ def captions(bundles: list[Path], rounds: int) -> None:
     first = [m.caption(image, **opts) for m in models]
     print("same tokens:", all(c.token_ids == first[0].token_ids for c in first),
           "scores:", [round(c.score, 6) for c in first])
-    seen = [{"decoder": [], "step": [], "bookkeeping": []} for _ in models]
+    seen = [{"decoder": [], "step": [], "bookkeeping": [], "cache": [], "decode": []} for _ in models]
     for _ in range(rounds):
         for m, s in zip(models, seen):
             m.caption(image, **opts)
@@ -102,9 +102,12 @@ def captions(bundles: list[Path], rounds: int) -> None:
             s["decoder"].append(t["decoder"] * 1e3)
             s["step"].append(t["decoder_per_token"] * 1e3)
             s["bookkeeping"].append(t["beam_bookkeeping"] * 1e3)
+            s["cache"].append(t["kv_cache"] * 1e3)
+            s["decode"].append(t["decode"] * 1e3)
     for b, s in zip(bundles, seen):
         print(f"{b}: decoder {np.median(s['decoder']):.1f} ms, step {np.median(s['step']):.2f} ms, "
-              f"bookkeeping {np.median(s['bookkeeping']):.2f} ms")
+              f"bookkeeping {np.median(s['bookkeeping']):.2f} ms, cache {np.median(s['cache']):.2f} ms, "
+              f"decoding in all {np.median(s['decode']):.1f} ms")
 
 
 def _alternate(sessions: dict, feeds: dict, rounds: int = 200) -> None:

@@ -119,9 +119,9 @@ def caption_logits(model, pixels: np.ndarray, sequences: Sequence[Sequence[int]]
     tokens = np.array([list(s) + [s[-1]] * (longest - len(s)) for s in sequences], dtype=np.int64)
     cache = model.bundle.module(modules[-1]).extra.get("cache", {})
     inference = make_inference(model.runner(modules[-1]), values, len(sequences), 1, longest, cache)
-    steps = [inference.logits(tokens[:, :prompt])]
+    steps = [inference.logits(tokens[:, :prompt]).copy()]  # a decoder may refill one buffer each step
     for j in range(prompt, longest - 1):
-        steps.append(inference.logits(tokens[:, j:j + 1]))
+        steps.append(inference.logits(tokens[:, j:j + 1]).copy())
     logits = np.stack(steps, axis=1)
     return [logits[i, :max(1, len(s) - prompt)].copy() for i, s in enumerate(sequences)]
 

@@ -25,6 +25,10 @@ CPU_BACKENDS = ("cpu", "cuda")
 TRT_BACKENDS = ("tensorrt", "ort-trt")
 TRT_TAG = "tensorrt"
 FP16_TAG = "fp16"
+CUDA_TAG = "cuda"  # a decoder's standard-op graph for onnxruntime's CUDA provider, beside a GQA CPU one
+GQA_CACHE = "gqa"
+CACHE_LAYOUTS = {GQA_CACHE: "per layer: row,head,time,dim"}  # edgerun.export.gqa
+GQA_TOLERANCE = 1e-4  # the float decoder and its GroupQueryAttention rewrite: rounding differences only
 # what a variant's file needs beyond the runtime's own minimum (checked when a session is made)
 REQUIRES = {"blockwise-int8": {"onnxruntime": MIN_ONNXRUNTIME}}
 
@@ -65,6 +69,7 @@ class Variant:
     layers: int  # layers quantized (fp16: nodes kept in float32)
     fused_attention: int = 0  # self-attentions fused into com.microsoft MultiHeadAttention
     centred: int = 0  # activations quantized centred (the TensorRT variant; qdq.py)
+    cache: str | None = None  # a decoder's cache type when it is not its float module's ("gqa")
 
     def to_dict(self) -> dict:
         out = {"file": self.file, "backends": list(self.backends), "scheme": self.scheme, "layers": self.layers}
@@ -72,6 +77,8 @@ class Variant:
             out["fused_attention"] = self.fused_attention
         if self.centred:
             out["centred_activations"] = self.centred
+        if self.cache:
+            out["cache"] = self.cache
         return out
 
 
@@ -140,6 +147,38 @@ def write_decoder(plan: ModulePlan, dst: Path, per_channel: bool, head: bool = F
                  per_channel=per_channel)
 
 
+def write_gqa(plan: ModulePlan, out_dir: Path, cpu_file: str, progress: Callable[[str], None]) -> str | None:
+    """Give the decoder's onnxruntime CPU variant `cpu_file` GroupQueryAttention self-attention
+    (edgerun.export.gqa: ~20 kernels a layer become one, the cache written in place). The graph as
+    written moves to `NAME.int8-cuda.onnx` for onnxruntime's CUDA provider, which has no float32
+    GroupQueryAttention; both graphs read the one weights file. Done only when the float decoder,
+    rewritten the same way, gives its logits within 1e-4 over a prompt, steps and a reorder; returns
+    the standard graph's new file name, or None (the variant stays as written)."""
+    import onnx
+
+    from ..export.gqa import check_gqa_decoder, gqa_decoder
+
+    dims = plan.spec.extra.get("cache") or {}
+    if dims.get("type", "kv") != "kv" or not {"layers", "heads", "head_dim"} <= set(dims):
+        return None
+    try:
+        error = check_gqa_decoder(plan.path, dims)
+    except ValueError:
+        return None  # another attention pattern: the variant keeps the time-major interface
+    if error > GQA_TOLERANCE:
+        progress(f"{plan.name}: GroupQueryAttention not used, its logits differ by {error:.2g} of their magnitude")
+        return None
+    model = onnx.load(str(out_dir / cpu_file), load_external_data=False)
+    if not gqa_decoder(model, layers=dims["layers"], heads=dims["heads"], head_dim=dims["head_dim"]):
+        return None
+    standard = f"{plan.name}.int8-{CUDA_TAG}.onnx"
+    (out_dir / cpu_file).replace(out_dir / standard)  # its weights stay in cpu_file's data file
+    onnx.save_model(model, str(out_dir / cpu_file))  # the same external data, read by both graphs
+    progress(f"{plan.name}: self-attention as GroupQueryAttention in the CPU variant "
+             f"({dims['layers']} layers; logits within {error:.1g} of the float graph's)")
+    return standard
+
+
 def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Path, per_channel: bool,
                progress: Callable[[str], None] = lambda msg: None, means: Mapping | None = None,
                int8_head: bool = False, codes: Mapping | None = None, tensorrt: bool = True,
@@ -157,7 +196,13 @@ def write_int8(plan: ModulePlan, ranges: Mapping[str, Range] | None, out_dir: Pa
     cpu_file = f"{plan.name}.int8.onnx"
     if plan.decoder:
         n = write_decoder(plan, out_dir / cpu_file, per_channel, head=int8_head, scheme=decoder_scheme)
-        variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, f"{decoder_scheme}-int8", "int8", n))
+        standard = write_gqa(plan, out_dir, cpu_file, progress)
+        scheme = f"{decoder_scheme}-int8"
+        if standard:
+            variants.append(Variant(plan.name, plan.name, cpu_file, ("cpu",), scheme, "int8", n, cache=GQA_CACHE))
+            variants.append(Variant(f"{plan.name}@{CUDA_TAG}", plan.name, standard, ("cuda",), scheme, "int8", n))
+        else:
+            variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, scheme, "int8", n))
     else:
         n, fused, _ = write_static(plan, ranges, out_dir / cpu_file, "cpu", per_channel, means, codes)
         variants.append(Variant(plan.name, plan.name, cpu_file, CPU_BACKENDS, "u8s8-qdq", "int8", n, fused))
@@ -198,6 +243,8 @@ def module_specs(modules: Mapping[str, ModuleSpec], variants: Mapping[str, list[
                 extra["variant_of"] = name
             if v.scheme in REQUIRES:
                 extra["requires"] = dict(REQUIRES[v.scheme])
+            if v.cache:
+                extra["cache"] = {**extra.get("cache", {}), "type": v.cache, "layout": CACHE_LAYOUTS[v.cache]}
             out[v.module] = replace(spec, file=v.file, external_data=(), precision=v.precision,
                                     backends=v.backends, extra=extra)
     return out

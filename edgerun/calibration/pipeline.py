@@ -373,7 +373,8 @@ class _Job:
     def _probe(self, batches, reference) -> tuple[dict[str, list[build.Variant]], bool]:
         """Write the variants of the current float set and judge them; (variants, gate holds)."""
         variants = self.write_int8()
-        tags = [None] + ([build.TRT_TAG] if any(len(v) > 1 for v in variants.values()) else [])
+        trt = f"@{build.TRT_TAG}"
+        tags = [None] + ([build.TRT_TAG] if any(v.module.endswith(trt) for m in variants.values() for v in m) else [])
         self.reports = self.evaluate(batches, variants, tags, reference)
         self._check_gate()
         return variants, all(r.within(self.options.max_drop) for r in self.reports)

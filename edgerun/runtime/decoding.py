@@ -101,7 +101,8 @@ class Inference(Protocol):
         """tokens : int64, shape = (n_rows, n_new), the tokens the cache has not seen yet (the whole
         prompt on the first call, then one token per row); n_rows = n_batch * n_beams.
         Returns float32, shape = (n_rows, vocab): the logits at the last position of each row.
-        The decoder may overwrite the returned array."""
+        The caller may overwrite the returned array; it is valid until the next call (a decoder
+        may hand out one buffer of its own, refilled at every step)."""
 
     def rearrange_kv_cache(self, source_indices: np.ndarray) -> None:
         """Row i of the cache becomes row source_indices[i] of the previous cache (beam reordering)."""

@@ -8,14 +8,16 @@ graph broadcasts the beams' queries over it.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 import numpy as np
 
 from ..errors import BundleError
 
-CACHE_TYPES = ("kv", "rnn")
+CACHE_TYPES = ("kv", "gqa", "rnn")
 STEP_INPUTS = ("input_ids", "past_key", "past_value")
+GQA_STEP_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length")  # edgerun.export.gqa
 
 
 def decoder_feeds(runner, values: Mapping[str, np.ndarray], step_inputs) -> dict[str, np.ndarray]:
@@ -30,16 +32,31 @@ def decoder_feeds(runner, values: Mapping[str, np.ndarray], step_inputs) -> dict
 def make_inference(runner, values: Mapping[str, np.ndarray], batch: int, beams: int, capacity: int,
                    cache: dict):
     """The decoder as decoding's `Inference`, by the manifest's cache layout `extra["cache"]`:
-    "kv" (the default: a transformer's time-major self-attention K/V) or "rnn" (a recurrent state,
-    edgerun.runtime.rnncache). `values` holds what the modules before the decoder produced."""
+    "kv" (the default: a transformer's time-major self-attention K/V), "gqa" (the same cache per
+    layer, written in place by GroupQueryAttention: edgerun.export.gqa) or "rnn" (a recurrent
+    state, edgerun.runtime.rnncache). `values` holds what the modules before the decoder produced."""
     kind = cache.get("type", "kv")
     if kind == "rnn":
         from .rnncache import RnnInference
 
         return RnnInference(runner, values, beams, cache)
-    if kind != "kv":
+    if kind not in CACHE_TYPES:
         raise BundleError(f"decoder {runner.path.name}: unknown cache type {kind!r}; "
                           f"valid: {', '.join(CACHE_TYPES)}")
+    names = {i.name for i in runner.inputs}
+    if kind == "kv" and "seqlens_k" in names:
+        kind = "gqa"  # the graph's own interface (a calibration evaluates files under the float manifest)
+    if kind == "gqa":
+        if "seqlens_k" not in names:
+            raise BundleError(f"decoder {runner.path.name}: the manifest says cache type 'gqa' but the graph "
+                              f"has no seqlens_k input (its inputs: {sorted(names)})")
+        if getattr(runner, "device_resident", False) or not hasattr(runner, "session"):
+            raise BundleError(f"decoder {runner.path.name} runs GroupQueryAttention, which edge-run runs with "
+                              f"onnxruntime on the CPU only; use backend 'cpu' for this module")
+        layers = cache["layers"]
+        own = {*GQA_STEP_INPUTS, *(f"past_{kv}_{i}" for kv in ("key", "value") for i in range(layers))}
+        return GqaDecoderInference(runner, decoder_feeds(runner, values, own), batch * beams, capacity, cache,
+                                   group=beams)
     cross = decoder_feeds(runner, values, STEP_INPUTS)
     if getattr(runner, "device_resident", False):  # IO binding: the cache stays on the runner's device
         from .iobinding import DeviceDecoderInference
@@ -69,10 +86,9 @@ class DecoderInference:
 
     def __init__(self, runner, cross: dict[str, np.ndarray], rows: int, capacity: int, dims: dict,
                  group: int | None = None):
-        shape = (capacity, dims["layers"], rows, dims["heads"], dims["head_dim"])
         self.runner = runner
         self.cross = cross  # the cross_kv graph's outputs, fed to every step as they are
-        self._key, self._value = np.empty(shape, np.float32), np.empty(shape, np.float32)
+        self._allocate(rows, capacity, dims)
         self._phys = np.arange(rows)  # logical row -> physical row
         # the tokens each physical row has been fed; -1 - row until then, so no two rows match
         self._tokens = np.repeat(-1 - np.arange(rows, dtype=np.int64)[:, None], capacity, axis=1)
@@ -87,6 +103,24 @@ class DecoderInference:
         self.copied_steps = 0  # and the time steps those copies moved
         self.step_times: list[float] = []  # seconds of each decoder call, for timings and bench
 
+    def _allocate(self, rows: int, capacity: int, dims: dict) -> None:
+        shape = (capacity, dims["layers"], rows, dims["heads"], dims["head_dim"])
+        self._key, self._value = np.empty(shape, np.float32), np.empty(shape, np.float32)
+
+    def _step(self, ids: np.ndarray, past: int, new: int) -> np.ndarray:
+        """One decoder call on physical rows: the logits, the new K/V stored at [past, past + new)."""
+        out = self.runner.infer({"input_ids": ids, "past_key": self._key[:past], "past_value": self._value[:past],
+                                 **self.cross}, check=False)
+        self.step_times.append(self.runner.last_time)
+        self._key[past:past + new] = out["new_key"]
+        self._value[past:past + new] = out["new_value"]
+        return out["logits"]
+
+    def _copy(self, target: int, row: int, first: int, end: int) -> None:
+        """Physical row `row`'s K/V over time steps [first, end) into row `target`."""
+        self._key[first:end, :, target] = self._key[first:end, :, row]
+        self._value[first:end, :, target] = self._value[first:end, :, row]
+
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         """tokens : (rows, new) int64 -> logits (rows, vocab) float32 at the last position."""
         past, new = self.length, tokens.shape[1]
@@ -98,13 +132,8 @@ class DecoderInference:
             physical[self._phys] = ids
             ids = physical
         self._tokens[:, past:past + new] = ids
-        out = self.runner.infer({"input_ids": ids, "past_key": self._key[:past], "past_value": self._value[:past],
-                                 **self.cross}, check=False)
-        self.step_times.append(self.runner.last_time)
-        self._key[past:past + new] = out["new_key"]
-        self._value[past:past + new] = out["new_value"]
+        logits = self._step(ids, past, new)
         self.length = past + new
-        logits = out["logits"]
         if not mapped:
             return logits
         if self._logits is None or self._logits.shape != logits.shape:
@@ -131,8 +160,7 @@ class DecoderInference:
                 target = next(spare)  # no new row continues it: free to overwrite
                 differ = self._tokens[target, :n] != self._tokens[row, :n]
                 first = int(differ.argmax()) if differ.any() else n  # the steps before are equal
-                self._key[first:n, :, target] = self._key[first:n, :, row]
-                self._value[first:n, :, target] = self._value[first:n, :, row]
+                self._copy(target, row, first, n)
                 self._tokens[target, first:n] = self._tokens[row, first:n]
                 new[start + i] = target
                 self.copies += 1
@@ -144,3 +172,58 @@ class DecoderInference:
         self.length = 0
         self._phys = np.arange(self._phys.size)
         self._mapped = False
+
+
+class GqaDecoderInference(DecoderInference):
+    """A decoder whose self-attention is onnxruntime's GroupQueryAttention (edgerun.export.gqa).
+
+    The cache is one (rows, heads, capacity, head_dim) buffer per layer for K and for V, bound
+    through one IO binding as both the layer's past input and its present output: the graph writes
+    each step's K/V into the buffer itself, and nothing is stored after the call. The cross K/V and
+    the cache stay bound for the whole generation; a step binds the token ids, sets the lengths
+    (`seqlens_k`, `total_sequence_length`, arrays bound once and changed in place) and runs. The
+    row map, the copies a reorder needs and the logits in logical order are DecoderInference's."""
+
+    def _allocate(self, rows: int, capacity: int, dims: dict) -> None:
+        shape = (rows, dims["heads"], capacity, dims["head_dim"])
+        layers = dims["layers"]
+        self._keys = [np.zeros(shape, np.float32) for _ in range(layers)]
+        self._values = [np.zeros(shape, np.float32) for _ in range(layers)]
+        self._seqlens = np.zeros(rows, np.int32)
+        self._total = np.zeros((), np.int32)
+        vocab = next((o.shape[-1] for o in self.runner.outputs if o.name == "logits"), None)
+        if not isinstance(vocab, int):
+            raise BundleError(f"decoder {self.runner.path.name}: its logits need a fixed vocabulary size, "
+                              f"got shape {next((o.shape for o in self.runner.outputs if o.name == 'logits'), None)}")
+        self._out = np.empty((rows, vocab), np.float32)
+        binding = self.runner.session.io_binding()
+        for name, array in (("seqlens_k", self._seqlens), ("total_sequence_length", self._total)):
+            binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+        for i in range(layers):
+            for kind, buffers in (("key", self._keys), ("value", self._values)):
+                buf = buffers[i]
+                binding.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, list(shape), buf.ctypes.data)
+                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, list(shape), buf.ctypes.data)
+        for name, array in self.cross.items():
+            self.cross[name] = array = np.ascontiguousarray(array)  # the binding reads this memory
+            binding.bind_cpu_input(name, array)
+        binding.bind_output("logits", "cpu", 0, np.float32, list(self._out.shape), self._out.ctypes.data)
+        self._binding = binding
+
+    def _step(self, ids: np.ndarray, past: int, new: int) -> np.ndarray:
+        self._binding.bind_cpu_input("input_ids", ids)
+        self._seqlens[:] = past + new - 1
+        self._total[...] = past + new
+        runner = self.runner
+        start = time.perf_counter()
+        runner.session.run_with_iobinding(self._binding)
+        runner.last_time = time.perf_counter() - start
+        runner.total_time += runner.last_time
+        runner.calls += 1
+        self.step_times.append(runner.last_time)
+        return self._out  # overwritten by the next step; decoding reads it before
+
+    def _copy(self, target: int, row: int, first: int, end: int) -> None:
+        for buffers in (self._keys, self._values):
+            for buf in buffers:
+                buf[target, :, first:end] = buf[row, :, first:end]

@@ -276,3 +276,20 @@ def test_non_gpt2_decoder_is_refused():
     ved = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
     with pytest.raises(EdgeRunError, match="GPT-2 decoder"):
         VisionEncoderDecoderExporter(ved)
+
+
+def test_gpt2_self_attention_becomes_group_query_attention(report):
+    """GPT-2's packed q/k/v product feeds GroupQueryAttention whole (no Split), with the same logits."""
+    import json
+
+    import onnx
+
+    from edgerun.export.gqa import check_gqa_decoder, gqa_decoder
+
+    spec = json.loads((report.path / "manifest.json").read_text())["modules"]["decoder"]
+    dims, path = spec["extra"]["cache"], report.path / spec["file"]
+    model = onnx.load(str(path), load_external_data=False)
+    assert gqa_decoder(model, layers=dims["layers"], heads=dims["heads"], head_dim=dims["head_dim"]) == dims["layers"]
+    attention = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[1] == n.input[2] == "" for n in attention)  # packed: key and value come with the query
+    assert check_gqa_decoder(path, dims) < 1e-5

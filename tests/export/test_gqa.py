@@ -1,0 +1,143 @@
+"""The decoders' self-attention as GroupQueryAttention (edgerun.export.gqa) and its cache
+(edgerun.runtime.kvcache.GqaDecoderInference): same logits, same captions, one kernel a layer."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import edgerun
+from edgerun.errors import BundleError
+from edgerun.export.gqa import check_gqa_decoder, gqa_decoder
+
+
+def _decoders(bundle):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return [(bundle / spec["file"], spec["extra"]["cache"]) for spec in manifest["modules"].values()
+            if spec["extra"].get("cache", {}).get("type", "kv") == "kv" and "layers" in spec["extra"].get("cache", {})]
+
+
+def _rewritten(path, dims):
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    n = gqa_decoder(model, layers=dims["layers"], heads=dims["heads"], head_dim=dims["head_dim"])
+    return model, n
+
+
+@pytest.mark.parametrize("fixture", ["blip_bundle", "vqa_bundle", "multi_bundle"])
+def test_every_family_decoder_is_rewritten_and_gives_the_same_logits(fixture, request):
+    """BLIP's caption decoder, BLIP VQA's answer decoder (a cross-attention mask input) and the
+    built-in families' caption and answer decoders: every layer replaced, the logits over a prompt,
+    single-token steps and a reorder within rounding of the time-major graph's."""
+    decoders = _decoders(request.getfixturevalue(fixture))
+    assert decoders
+    for path, dims in decoders:
+        import onnx
+
+        before = [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
+        model, n = _rewritten(path, dims)
+        ops = [node.op_type for node in model.graph.node]
+        assert n == dims["layers"] == ops.count("GroupQueryAttention")
+        assert ops.count("Softmax") == before.count("Softmax") - n  # the cross-attention keeps its own
+        assert len(ops) < len(before) - 10 * n and "past_key" not in {i.name for i in model.graph.input}
+        assert {"seqlens_k", "total_sequence_length", "past_key_0", "past_value_0"} <= {i.name for i in model.graph.input}
+        assert check_gqa_decoder(path, dims) < 1e-5, path
+
+
+def test_a_graph_off_the_pattern_is_left_unchanged(blip_bundle):
+    import onnx
+
+    (path, dims), = _decoders(blip_bundle)
+    model = onnx.load(str(path), load_external_data=False)
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    softmax.attribute[0].i = 2  # softmax over another axis: not attention as GroupQueryAttention does it
+    before = model.SerializeToString()
+    assert gqa_decoder(model, layers=dims["layers"], heads=dims["heads"], head_dim=dims["head_dim"]) == 0
+    assert model.SerializeToString() == before
+    plain = onnx.load(str(path), load_external_data=False)
+    where = next(n for n in plain.graph.node if n.op_type == "Where")
+    where.input[0] = "input_ids"  # a mask read from the tokens' values (padding), not from the lengths
+    assert gqa_decoder(plain, layers=dims["layers"], heads=dims["heads"], head_dim=dims["head_dim"]) == 0
+    with pytest.raises(ValueError, match="not the pattern"):
+        check_gqa_decoder(bundle_copy_with(path, plain), dims)
+
+
+def bundle_copy_with(path, model):
+    import onnx
+
+    out = path.with_name("altered.onnx")
+    onnx.save_model(model, str(out))
+    return out
+
+
+def test_captions_are_the_same_through_the_gqa_decoder(blip_bundle, tmp_path):
+    """Beam search with reorders over the in-place cache: the same tokens and scores as the
+    time-major decoder, and nothing stored after the graph runs."""
+    import onnx
+    from skimage import data
+
+    from edgerun.calibration.collect import file_model
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(blip_bundle, copy)
+    (path, dims), = _decoders(copy)
+    model, n = _rewritten(path, dims)
+    assert n
+    onnx.save_model(model, str(copy / "decoder.gqa.onnx"))
+    plain, gqa = edgerun.load(blip_bundle, threads=1), file_model(copy, {"decoder": copy / "decoder.gqa.onnx"}, threads=1)
+    for image in (data.astronaut(), data.coffee()):
+        want = plain.caption(image, num_beams=3, max_new_tokens=12, min_new_tokens=12)
+        got = gqa.caption(image, num_beams=3, max_new_tokens=12, min_new_tokens=12)
+        assert got.token_ids == want.token_ids and got.score == pytest.approx(want.score, abs=1e-5)
+    batch = gqa.caption_batch([data.astronaut(), data.coffee()], num_beams=2, max_new_tokens=6)
+    assert [c.token_ids for c in batch] == [c.token_ids for c in
+                                            plain.caption_batch([data.astronaut(), data.coffee()], num_beams=2,
+                                                                max_new_tokens=6)]
+
+
+def test_the_calibrated_decoder_runs_gqa_on_the_cpu_and_standard_ops_on_cuda(blip_int8_bundle):
+    import onnx
+
+    from edgerun.manifest import Manifest
+    from edgerun.runtime.variants import select_module
+
+    manifest = json.loads((blip_int8_bundle / "manifest.json").read_text())
+    cpu, cuda = manifest["modules"]["decoder"], manifest["modules"]["decoder@cuda"]
+    assert cpu["backends"] == ["cpu"] and cuda["backends"] == ["cuda"]
+    assert cpu["extra"]["cache"]["type"] == "gqa" and cuda["extra"]["cache"].get("type", "kv") == "kv"
+    assert cpu["external_data"] == cuda["external_data"] == ["decoder.int8.onnx.data"]  # weights stored once
+    layers = cpu["extra"]["cache"]["layers"]
+    ops = [n.op_type for n in onnx.load(str(blip_int8_bundle / cpu["file"]), load_external_data=False).graph.node]
+    standard = [n.op_type for n in onnx.load(str(blip_int8_bundle / cuda["file"]), load_external_data=False).graph.node]
+    assert ops.count("GroupQueryAttention") == layers and "GroupQueryAttention" not in standard
+    assert ops.count("MatMulNBits") == standard.count("MatMulNBits") > 0
+    parsed = Manifest.from_dict(manifest)
+    assert select_module(parsed, "decoder", "cuda")[0] == "decoder@cuda"
+    assert select_module(parsed, "decoder", "cpu")[0] == "decoder"
+    variants = manifest["quantization"]["modules"]["decoder"]["variants"]
+    assert variants["decoder"]["cache"] == "gqa"
+    caption = edgerun.load(blip_int8_bundle, threads=1).caption(np.zeros((40, 40, 3), np.uint8), num_beams=3,
+                                                                 max_new_tokens=6)
+    assert caption.token_ids
+
+
+def test_a_gqa_cache_needs_the_gqa_graph_and_the_cpu(blip_bundle):
+    from edgerun.runtime.kvcache import make_inference
+    from edgerun.runtime.onnxrt import IOSpec
+
+    model = edgerun.load(blip_bundle, threads=1)
+    runner = model.runner("decoder")
+    cache = {**model.bundle.module("decoder").extra["cache"], "type": "gqa"}
+    with pytest.raises(BundleError, match="no seqlens_k input"):
+        make_inference(runner, {}, 1, 1, 4, cache)
+
+    class OnDevice:
+        device_resident = True
+        path = runner.path
+        inputs = [*runner.inputs, IOSpec("seqlens_k", np.int32, ("rows",))]
+
+    with pytest.raises(BundleError, match="CPU only"):
+        make_inference(OnDevice(), {}, 1, 1, 4, cache)
+    with pytest.raises(BundleError, match="unknown cache type 'paged'"):
+        make_inference(runner, {}, 1, 1, 4, {**cache, "type": "paged"})
