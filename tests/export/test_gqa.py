@@ -132,12 +132,11 @@ def test_a_gqa_cache_needs_the_gqa_graph_and_the_cpu(blip_bundle):
     with pytest.raises(BundleError, match="no seqlens_k input"):
         make_inference(runner, {}, 1, 1, 4, cache)
 
-    class OnDevice:
-        device_resident = True
-        path = runner.path
-        inputs = [*runner.inputs, IOSpec("seqlens_k", np.int32, ("rows",))]
+    from types import SimpleNamespace
 
+    on_device = SimpleNamespace(device_resident=True, path=runner.path,
+                                inputs=[*runner.inputs, IOSpec("seqlens_k", np.int32, ("rows",))])
     with pytest.raises(BundleError, match="CPU only"):
-        make_inference(OnDevice(), {}, 1, 1, 4, cache)
+        make_inference(on_device, {}, 1, 1, 4, cache)
     with pytest.raises(BundleError, match="unknown cache type 'paged'"):
         make_inference(runner, {}, 1, 1, 4, {**cache, "type": "paged"})
