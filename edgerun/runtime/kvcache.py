@@ -8,7 +8,6 @@ graph broadcasts the beams' queries over it.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -50,7 +49,7 @@ def make_inference(runner, values: Mapping[str, np.ndarray], batch: int, beams: 
         if "seqlens_k" not in names:
             raise BundleError(f"decoder {runner.path.name}: the manifest says cache type 'gqa' but the graph "
                               f"has no seqlens_k input (its inputs: {sorted(names)})")
-        if getattr(runner, "device_resident", False) or not hasattr(runner, "session"):
+        if getattr(runner, "device_resident", False) or not hasattr(runner, "infer_bound"):
             raise BundleError(f"decoder {runner.path.name} runs GroupQueryAttention, which edge-run runs with "
                               f"onnxruntime on the CPU only; use backend 'cpu' for this module")
         layers = cache["layers"]
@@ -214,13 +213,15 @@ class GqaDecoderInference(DecoderInference):
         self._binding.bind_cpu_input("input_ids", ids)
         self._seqlens[:] = past + new - 1
         self._total[...] = past + new
-        runner = self.runner
-        start = time.perf_counter()
-        runner.session.run_with_iobinding(self._binding)
-        runner.last_time = time.perf_counter() - start
-        runner.total_time += runner.last_time
-        runner.calls += 1
-        self.step_times.append(runner.last_time)
+
+        def reads() -> dict[str, np.ndarray]:  # the cache up to this step's end, as a past input would be
+            out = {"input_ids": ids, "seqlens_k": self._seqlens, "total_sequence_length": self._total}
+            for i, (k, v) in enumerate(zip(self._keys, self._values)):
+                out[f"past_key_{i}"], out[f"past_value_{i}"] = k[:, :, :past], v[:, :, :past]
+            return {**out, **self.cross}
+
+        self.runner.infer_bound(self._binding, reads)
+        self.step_times.append(self.runner.last_time)
         return self._out  # overwritten by the next step; decoding reads it before
 
     def _copy(self, target: int, row: int, first: int, end: int) -> None:

@@ -140,3 +140,23 @@ def test_a_gqa_cache_needs_the_gqa_graph_and_the_cpu(blip_bundle):
         make_inference(on_device, {}, 1, 1, 4, cache)
     with pytest.raises(BundleError, match="unknown cache type 'paged'"):
         make_inference(runner, {}, 1, 1, 4, {**cache, "type": "paged"})
+
+
+def test_the_roofline_counts_what_a_gqa_step_reads(blip_int8_bundle):
+    """bench's decode-step floor: the feeds of an IO-bound step are captured as the time-major
+    decoder's would be: the same cache bytes for the same past, the cross K/V, the ids."""
+    from edgerun.runtime.roofline import captured_feeds, stage_work
+
+    model = edgerun.load(blip_int8_bundle, threads=1)
+    with captured_feeds(model, {"vision": (0,), "cross_kv": (0,), "decoder": (0, 4)}) as feeds:
+        model.caption(np.zeros((40, 40, 3), np.uint8), num_beams=3, max_new_tokens=6, min_new_tokens=6)
+    step = feeds[("decoder", 4)]
+    dims = model.bundle.module("decoder").extra["cache"]
+    past = sum(v.nbytes for k, v in step.items() if k.startswith("past_"))
+    assert past == 2 * dims["layers"] * 3 * dims["heads"] * 4 * dims["head_dim"] * 4  # K and V, 3 rows, past 4
+    assert step["input_ids"].shape == (3, 1) and int(step["total_sequence_length"]) == 5
+    work = stage_work(model, feeds, 1)
+    assert work["decoder_per_token"]["bytes"] == model.bundle.module_bytes("decoder") + sum(
+        v.nbytes for v in step.values())
+    assert work["decoder_first"]["bytes"] < work["decoder_per_token"]["bytes"]
+    assert "infer_bound" not in vars(model.runner("decoder"))  # the hook is gone afterwards
