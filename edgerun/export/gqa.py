@@ -257,9 +257,9 @@ def gqa_decoder(model, *, layers: int, heads: int, head_dim: int) -> int:
     return layers
 
 
-def _random_feeds(session, rows: int, rng) -> dict[str, np.ndarray]:
-    """Random values for a decoder's inputs other than its step inputs and cache: one image whose
-    `rows` beams read its cross K/V."""
+def _random_feeds(session, rng) -> dict[str, np.ndarray]:
+    """Random values for a decoder's inputs other than its step inputs and cache: one image, whose
+    cross K/V all the rows (its beams) read."""
     feeds = {}
     for arg in session.get_inputs():
         if arg.name in ("input_ids", "past_key", "past_value", *STEP_INPUTS) or arg.name.startswith("past_"):
@@ -300,7 +300,7 @@ def check_gqa_decoder(path, dims: dict, *, rows: int = 2, prompt: int = 2, steps
     rewritten.inputs = [OnnxRuntimeRunner._spec(i) for i in rewritten.session.get_inputs()]
     rewritten.outputs = [OnnxRuntimeRunner._spec(o) for o in rewritten.session.get_outputs()]
     rng = np.random.default_rng(0)
-    cross = _random_feeds(standard.session, rows, rng)
+    cross = _random_feeds(standard.session, rng)
     vocab = next(o.shape[-1] for o in rewritten.outputs if o.name == "logits")
     capacity = prompt + steps
     a = DecoderInference(standard, dict(cross), rows, capacity, dims, group=rows)
