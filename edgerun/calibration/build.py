@@ -11,6 +11,7 @@ module, which keeps the CPU. `edgerun.runtime.variants.select_module` picks one 
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -147,6 +148,18 @@ def write_decoder(plan: ModulePlan, dst: Path, per_channel: bool, head: bool = F
                  per_channel=per_channel)
 
 
+@functools.lru_cache(maxsize=8)
+def _float_gqa_error(path: str, mtime_ns: int, layers: int, heads: int, head_dim: int) -> float | None:
+    """check_gqa_decoder on a float decoder file, once per file (--auto writes the variants once per
+    probe), or None where its attention is another pattern."""
+    from ..export.gqa import check_gqa_decoder
+
+    try:
+        return check_gqa_decoder(path, {"layers": layers, "heads": heads, "head_dim": head_dim})
+    except ValueError:
+        return None
+
+
 def write_gqa(plan: ModulePlan, out_dir: Path, cpu_file: str, progress: Callable[[str], None]) -> str | None:
     """Give the decoder's onnxruntime CPU variant `cpu_file` GroupQueryAttention self-attention
     (edgerun.export.gqa: ~20 kernels a layer become one, the cache written in place). The graph as
@@ -156,14 +169,14 @@ def write_gqa(plan: ModulePlan, out_dir: Path, cpu_file: str, progress: Callable
     the standard graph's new file name, or None (the variant stays as written)."""
     import onnx
 
-    from ..export.gqa import check_gqa_decoder, gqa_decoder
+    from ..export.gqa import gqa_decoder
 
     dims = plan.spec.extra.get("cache") or {}
     if dims.get("type", "kv") != "kv" or not {"layers", "heads", "head_dim"} <= set(dims):
         return None
-    try:
-        error = check_gqa_decoder(plan.path, dims)
-    except ValueError:
+    error = _float_gqa_error(str(plan.path), plan.path.stat().st_mtime_ns, dims["layers"], dims["heads"],
+                             dims["head_dim"])
+    if error is None:
         return None  # another attention pattern: the variant keeps the time-major interface
     if error > GQA_TOLERANCE:
         progress(f"{plan.name}: GroupQueryAttention not used, its logits differ by {error:.2g} of their magnitude")

@@ -26,15 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..runtime.kvcache import GQA_STEP_INPUTS, gqa_cache_names
 from .simplify import _attr, _Graph, _perm, drop_dead_nodes, readers_of
 
-CACHE_TYPE = "gqa"
-STEP_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length")
 NEG_FILL = -1e4  # a masked score at or below this is as good as -inf after the softmax
-
-
-def layer_names(layer: int) -> tuple[str, str, str, str]:
-    return f"past_key_{layer}", f"past_value_{layer}", f"present_key_{layer}", f"present_value_{layer}"
 
 
 @dataclass
@@ -211,7 +206,7 @@ def gqa_decoder(model, *, layers: int, heads: int, head_dim: int) -> int:
     rows = _past_dims(graph, "past_key")[2]
     new_nodes = {}
     for i, layer in enumerate(found):
-        past_k, past_v, present_k, present_v = layer_names(i)
+        past_k, past_v, present_k, present_v = gqa_cache_names(i)
         packed = m.packed(layer)
         qkv = [packed, "", ""] if packed else [layer.query, layer.key, layer.value]
         new_nodes[id(layer.anchor)] = helper.make_node(
@@ -239,14 +234,14 @@ def gqa_decoder(model, *, layers: int, heads: int, head_dim: int) -> int:
     extra = [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [rows]),
              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
     for i in range(layers):
-        past_k, past_v, _, _ = layer_names(i)
+        past_k, past_v, _, _ = gqa_cache_names(i)
         extra += [helper.make_tensor_value_info(past_k, elem, cache_shape),
                   helper.make_tensor_value_info(past_v, elem, cache_shape)]
     del graph.input[:]
     graph.input.extend([*ids, *extra, *rest])
     outputs = [v for v in graph.output if v.name not in ("new_key", "new_value")]
     for i in range(layers):
-        _, _, present_k, present_v = layer_names(i)
+        _, _, present_k, present_v = gqa_cache_names(i)
         outputs += [helper.make_tensor_value_info(present_k, elem, cache_shape),
                     helper.make_tensor_value_info(present_v, elem, cache_shape)]
     del graph.output[:]
@@ -262,7 +257,7 @@ def _random_feeds(session, rng) -> dict[str, np.ndarray]:
     cross K/V all the rows (its beams) read."""
     feeds = {}
     for arg in session.get_inputs():
-        if arg.name in ("input_ids", "past_key", "past_value", *STEP_INPUTS) or arg.name.startswith("past_"):
+        if arg.name in ("past_key", "past_value", *GQA_STEP_INPUTS) or arg.name.startswith("past_"):
             continue
         shape = [d if isinstance(d, int) else 1 for d in arg.shape]
         if "bool" in arg.type:
@@ -282,23 +277,16 @@ def check_gqa_decoder(path, dims: dict, *, rows: int = 2, prompt: int = 2, steps
     from pathlib import Path
 
     import onnx
-    import onnxruntime as ort
 
     from ..runtime.kvcache import DecoderInference, GqaDecoderInference
-    from ..runtime.onnxrt import OnnxRuntimeRunner, session_options
+    from ..runtime.onnxrt import OnnxRuntimeRunner
 
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     if not gqa_decoder(model, layers=dims["layers"], heads=dims["heads"], head_dim=dims["head_dim"]):
         raise ValueError(f"{path.name}: its self-attention is not the pattern GroupQueryAttention replaces")
     standard = OnnxRuntimeRunner(path, threads=1)
-    so = session_options(1)
-    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    rewritten = OnnxRuntimeRunner.__new__(OnnxRuntimeRunner)
-    rewritten.path = path.with_name(path.stem + ".gqa.onnx")
-    rewritten.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    rewritten.inputs = [OnnxRuntimeRunner._spec(i) for i in rewritten.session.get_inputs()]
-    rewritten.outputs = [OnnxRuntimeRunner._spec(o) for o in rewritten.session.get_outputs()]
+    rewritten = OnnxRuntimeRunner(path, threads=1, graph=model.SerializeToString())
     rng = np.random.default_rng(0)
     cross = _random_feeds(standard.session, rng)
     vocab = next(o.shape[-1] for o in rewritten.outputs if o.name == "logits")

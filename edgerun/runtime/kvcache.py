@@ -19,6 +19,12 @@ STEP_INPUTS = ("input_ids", "past_key", "past_value")
 GQA_STEP_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length")  # edgerun.export.gqa
 
 
+def gqa_cache_names(layer: int) -> tuple[str, str, str, str]:
+    """A GroupQueryAttention decoder's cache inputs and outputs for `layer`: past K, past V,
+    present K, present V (the present ones are the same buffers, bound in place)."""
+    return f"past_key_{layer}", f"past_value_{layer}", f"present_key_{layer}", f"present_value_{layer}"
+
+
 def decoder_feeds(runner, values: Mapping[str, np.ndarray], step_inputs) -> dict[str, np.ndarray]:
     """The decoder inputs other than `step_inputs`, by name from `values` (cross K/V, masks)."""
     names = [i.name for i in runner.inputs if i.name not in step_inputs]
@@ -52,8 +58,7 @@ def make_inference(runner, values: Mapping[str, np.ndarray], batch: int, beams: 
         if getattr(runner, "device_resident", False) or not hasattr(runner, "infer_bound"):
             raise BundleError(f"decoder {runner.path.name} runs GroupQueryAttention, which edge-run runs with "
                               f"onnxruntime on the CPU only; use backend 'cpu' for this module")
-        layers = cache["layers"]
-        own = {*GQA_STEP_INPUTS, *(f"past_{kv}_{i}" for kv in ("key", "value") for i in range(layers))}
+        own = {*GQA_STEP_INPUTS, *(name for i in range(cache["layers"]) for name in gqa_cache_names(i)[:2])}
         return GqaDecoderInference(runner, decoder_feeds(runner, values, own), batch * beams, capacity, cache,
                                    group=beams)
     cross = decoder_feeds(runner, values, STEP_INPUTS)
@@ -199,10 +204,10 @@ class GqaDecoderInference(DecoderInference):
         for name, array in (("seqlens_k", self._seqlens), ("total_sequence_length", self._total)):
             binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
         for i in range(layers):
-            for kind, buffers in (("key", self._keys), ("value", self._values)):
-                buf = buffers[i]
-                binding.bind_input(f"past_{kind}_{i}", "cpu", 0, np.float32, list(shape), buf.ctypes.data)
-                binding.bind_output(f"present_{kind}_{i}", "cpu", 0, np.float32, list(shape), buf.ctypes.data)
+            past_k, past_v, present_k, present_v = gqa_cache_names(i)
+            for past, present, buf in ((past_k, present_k, self._keys[i]), (past_v, present_v, self._values[i])):
+                binding.bind_input(past, "cpu", 0, np.float32, list(shape), buf.ctypes.data)
+                binding.bind_output(present, "cpu", 0, np.float32, list(shape), buf.ctypes.data)
         for name, array in self.cross.items():
             self.cross[name] = array = np.ascontiguousarray(array)  # the binding reads this memory
             binding.bind_cpu_input(name, array)
@@ -217,7 +222,8 @@ class GqaDecoderInference(DecoderInference):
         def reads() -> dict[str, np.ndarray]:  # the cache up to this step's end, as a past input would be
             out = {"input_ids": ids, "seqlens_k": self._seqlens, "total_sequence_length": self._total}
             for i, (k, v) in enumerate(zip(self._keys, self._values)):
-                out[f"past_key_{i}"], out[f"past_value_{i}"] = k[:, :, :past], v[:, :, :past]
+                past_k, past_v, _, _ = gqa_cache_names(i)
+                out[past_k], out[past_v] = k[:, :, :past], v[:, :, :past]
             return {**out, **self.cross}
 
         self.runner.infer_bound(self._binding, reads)

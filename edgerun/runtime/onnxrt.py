@@ -152,9 +152,10 @@ class OnnxRuntimeRunner(Runner):
     """One ONNX file in one onnxruntime session."""
 
     def __init__(self, path: str | Path, *, backend: str = "cpu", threads: int | None = None,
-                 provider_options: dict | None = None):
+                 provider_options: dict | None = None, graph: bytes | None = None):
         """provider_options: {provider name: its options}, e.g. the TensorRT provider's caches and
-        profile shapes (edgerun.runtime.iobinding.ort_trt_options)."""
+        profile shapes (edgerun.runtime.iobinding.ort_trt_options). `graph`: a serialized graph to run
+        instead of the file at `path` (one rewritten in memory), its external data beside `path`."""
         import onnxruntime as ort
 
         if backend not in _PROVIDERS:
@@ -166,9 +167,12 @@ class OnnxRuntimeRunner(Runner):
                 f"backend {backend!r} needs onnxruntime's {wanted}, which this onnxruntime lacks "
                 f"(available: {', '.join(available)}); install it with: pip install 'edge-run[gpu]'")
         self.path = Path(path)
+        so = session_options(threads, shared=backend == "cpu")
+        if graph is not None:
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.path.parent))
         try:
             self.session = ort.InferenceSession(
-                str(self.path), session_options(threads, shared=backend == "cpu"),
+                str(self.path) if graph is None else graph, so,
                 providers=[(p, (provider_options or {}).get(p, {})) for p in _PROVIDERS[backend] if p in available],
                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
