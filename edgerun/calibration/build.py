@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..export.gqa import CACHE_TYPE as GQA_CACHE
+from ..export.gqa import TOLERANCE, rewritten_dims
 from ..manifest import ModuleSpec
 from .blockwise import MIN_ONNXRUNTIME
 from .nodes import HEAD_REASON, Target, calibration_view, find_targets, float_nodes, load_model
@@ -27,9 +29,6 @@ TRT_BACKENDS = ("tensorrt", "ort-trt")
 TRT_TAG = "tensorrt"
 FP16_TAG = "fp16"
 CUDA_TAG = "cuda"  # a decoder's standard-op graph for onnxruntime's CUDA provider, beside a GQA CPU one
-GQA_CACHE = "gqa"
-CACHE_LAYOUTS = {GQA_CACHE: "per layer: row,head,time,dim"}  # edgerun.export.gqa
-GQA_TOLERANCE = 1e-4  # the float decoder and its GroupQueryAttention rewrite: rounding differences only
 # what a variant's file needs beyond the runtime's own minimum (checked when a session is made)
 REQUIRES = {"blockwise-int8": {"onnxruntime": MIN_ONNXRUNTIME}}
 
@@ -178,7 +177,7 @@ def write_gqa(plan: ModulePlan, out_dir: Path, cpu_file: str, progress: Callable
                              dims["head_dim"])
     if error is None:
         return None  # another attention pattern: the variant keeps the time-major interface
-    if error > GQA_TOLERANCE:
+    if error > TOLERANCE:
         progress(f"{plan.name}: GroupQueryAttention not used, its logits differ by {error:.2g} of their magnitude")
         return None
     model = onnx.load(str(out_dir / cpu_file), load_external_data=False)
@@ -247,6 +246,8 @@ def module_specs(modules: Mapping[str, ModuleSpec], variants: Mapping[str, list[
     named like the module first). A float module kept beside FP16 variants serves the CPU only."""
     out = {}
     for name, spec in modules.items():
+        if _float_variant_of_replaced(name, spec, variants):
+            continue  # the float bundle's own variant of a module the new variants replace
         mine = variants.get(name, [])
         if not any(v.module == name for v in mine):
             out[name] = replace(spec, backends=("cpu",)) if mine else spec
@@ -256,16 +257,24 @@ def module_specs(modules: Mapping[str, ModuleSpec], variants: Mapping[str, list[
                 extra["variant_of"] = name
             if v.scheme in REQUIRES:
                 extra["requires"] = dict(REQUIRES[v.scheme])
-            if v.cache:
-                extra["cache"] = {**extra.get("cache", {}), "type": v.cache, "layout": CACHE_LAYOUTS[v.cache]}
+            if v.cache == GQA_CACHE:
+                extra["cache"] = rewritten_dims(extra.get("cache", {}))
             out[v.module] = replace(spec, file=v.file, external_data=(), precision=v.precision,
                                     backends=v.backends, extra=extra)
     return out
 
 
+def _float_variant_of_replaced(name: str, spec: ModuleSpec, variants: Mapping[str, list[Variant]]) -> bool:
+    """Whether `name` is a variant in the float bundle (an exported decoder's `NAME@cpu`) of a module
+    that gets variants of its own here: the new set replaces it."""
+    base = spec.extra.get("variant_of")
+    return bool(base) and base != name and any(v.module == base for v in variants.get(base, []))
+
+
 def replaced_files(modules: Mapping[str, ModuleSpec], variants: Mapping[str, list[Variant]]) -> set[str]:
     """Files of the float bundle that the variants replace (so they are not copied)."""
     replaced = {name for name, mine in variants.items() if any(v.module == name for v in mine)}
+    replaced |= {name for name, spec in modules.items() if _float_variant_of_replaced(name, spec, variants)}
 
     def files(spec: ModuleSpec) -> set[str]:
         return {spec.file, *spec.external_data}

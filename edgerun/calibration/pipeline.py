@@ -129,7 +129,7 @@ def _quiet(msg: str) -> None:
 
 def _refuse_quantized(bundle: Bundle) -> None:
     m = bundle.manifest
-    low = sorted(n for n, s in m.modules.items() if s.precision != "fp32" or "@" in n)
+    low = sorted(n for n, s in m.modules.items() if s.precision != "fp32")  # fp32 variants: export's @cpu
     if m.quantization is not None or low:
         what = f"modules {low} are not fp32" if low else "its manifest has a quantization section"
         raise BundleError(f"bundle {bundle.path} is already quantized ({what}); calibrate its float twin "

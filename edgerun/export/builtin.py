@@ -90,7 +90,7 @@ def export_checkpoint(source: str | Path, task: str, output: str | Path, *, opse
                                     atol=atol, progress=progress, stages=stages)
         ckpt.tokenizer.save(writer.dir / "tokenizer.json")
         parts = exporter.manifest_parts()
-        modules = module_specs(writer.dir, specs, diffs, parts["module_extra"])
+        modules = module_specs(writer.dir, specs, diffs, parts["module_extra"], progress)
         manifest = Manifest(
             tasks={k: TaskSpec(tuple(v)) for k, v in parts["tasks"].items()}, modules=modules,
             preprocess=ckpt.preprocess.to_dict(), tokenizer={"file": "tokenizer.json"},

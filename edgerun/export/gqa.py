@@ -30,6 +30,10 @@ from ..runtime.kvcache import GQA_STEP_INPUTS, gqa_cache_names
 from .simplify import _attr, _Graph, _perm, drop_dead_nodes, readers_of
 
 NEG_FILL = -1e4  # a masked score at or below this is as good as -inf after the softmax
+CACHE_TYPE = "gqa"  # the manifest's cache type of a rewritten decoder (edgerun.runtime.kvcache)
+CACHE_LAYOUT = "per layer: row,head,time,dim"
+TOLERANCE = 1e-4  # a decoder and its rewrite, relative to the logits: rounding differences only
+CPU_TAG = "cpu"  # an exported float decoder's GQA variant, `NAME@cpu`
 
 
 @dataclass
@@ -304,3 +308,46 @@ def check_gqa_decoder(path, dims: dict, *, rows: int = 2, prompt: int = 2, steps
             a.rearrange_kv_cache(source)
             b.rearrange_kv_cache(source)
     return worst
+
+
+def rewritten_dims(dims: dict) -> dict:
+    """The manifest's cache entry of a decoder once rewritten."""
+    return {**dims, "type": CACHE_TYPE, "layout": CACHE_LAYOUT}
+
+
+def add_cpu_variants(folder, modules: dict, progress=lambda msg: None) -> dict:
+    """For each time-major decoder among `modules` (name -> ModuleSpec, files in `folder`): its
+    GroupQueryAttention rewrite as `NAME@cpu` (file `NAME.cpu.onnx`, the same weights file), when it
+    gives the decoder's logits within TOLERANCE; the decoder itself then serves the other backends
+    (onnxruntime's CUDA provider has no float32 GroupQueryAttention; TensorRT parses standard ops
+    only). Returns the modules with the variants added."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    import onnx
+
+    from .onnx import io_specs
+
+    out = dict(modules)
+    for name, spec in modules.items():
+        dims = spec.extra.get("cache") or {}
+        if dims.get("type", "kv") != "kv" or not {"layers", "heads", "head_dim"} <= set(dims) or "cpu" not in spec.backends:
+            continue
+        path = Path(folder) / spec.file
+        progress(f"{name}: checking its self-attention as GroupQueryAttention for the CPU")
+        try:
+            error = check_gqa_decoder(path, dims)
+        except ValueError:
+            continue
+        if error > TOLERANCE:
+            progress(f"{name}: GroupQueryAttention not used, its logits differ by {error:.2g} of their magnitude")
+            continue
+        model = onnx.load(str(path), load_external_data=False)
+        gqa_decoder(model, layers=dims["layers"], heads=dims["heads"], head_dim=dims["head_dim"])
+        file = f"{name}.{CPU_TAG}.onnx"
+        onnx.save_model(model, str(Path(folder) / file))  # reads the decoder's own weights file
+        inputs, outputs = io_specs(Path(folder) / file)
+        out[name] = replace(spec, backends=tuple(b for b in spec.backends if b != "cpu"))
+        out[f"{name}@{CPU_TAG}"] = replace(spec, file=file, inputs=inputs, outputs=outputs, backends=("cpu",),
+                                           extra={**spec.extra, "cache": rewritten_dims(dims), "variant_of": name})
+    return out

@@ -82,9 +82,13 @@ def write_graphs(exporter, folder: Path, *, opset: int, external_data_bytes: int
     return specs, diffs
 
 
-def module_specs(folder: Path, specs, diffs: dict[str, float], module_extra: dict) -> dict[str, ModuleSpec]:
+def module_specs(folder: Path, specs, diffs: dict[str, float], module_extra: dict,
+                 progress: Callable[[str], None] = lambda msg: None) -> dict[str, ModuleSpec]:
     """Manifest entries of the written graphs: interface read back from the files, the exporter's
-    metadata per graph, and the measured parity."""
+    metadata per graph, and the measured parity; a KV-cache decoder also gets its CPU variant with
+    GroupQueryAttention self-attention (edgerun.export.gqa.add_cpu_variants)."""
+    from .gqa import add_cpu_variants
+
     modules = {}
     for spec in specs:
         inputs, outputs = io_specs(folder / f"{spec.name}.onnx")
@@ -92,7 +96,7 @@ def module_specs(folder: Path, specs, diffs: dict[str, float], module_extra: dic
                                         precision="fp32", backends=("cpu", "cuda", "ort-trt"),
                                         extra={**module_extra.get(spec.name, {}),
                                                "max_abs_diff": diffs.get(spec.name)})
-    return modules
+    return add_cpu_variants(folder, modules, progress)
 
 
 def _verify(exporter, folder: Path, specs, atol: float | None) -> dict[str, float]:
@@ -148,7 +152,7 @@ def export(source: str, *, task: str, output: str | Path, opset: int = 17, revis
                                     atol=atol, progress=progress, stages=stages)
         tokenizer = hf.save_tokenizer(ckpt, writer.dir / "tokenizer.json")
         parts = exporter.manifest_parts(tokenizer)
-        modules = module_specs(writer.dir, specs, diffs, parts["module_extra"])
+        modules = module_specs(writer.dir, specs, diffs, parts["module_extra"], progress)
         decoding = {**parts["decoding"], "generation": hf.generation_defaults(ckpt)}
         manifest = Manifest(
             tasks={k: TaskSpec(**v) for k, v in parts["tasks"].items()},

@@ -105,16 +105,6 @@ class IOBindingRunner(OnnxRuntimeRunner):
         self.backend = backend
         self.device = DEVICE[backend]
 
-    def run_binding(self, binding) -> None:
-        """Run a prepared binding, timed like every runner call."""
-        import time
-
-        start = time.perf_counter()
-        self.session.run_with_iobinding(binding)
-        self.last_time = time.perf_counter() - start
-        self.total_time += self.last_time
-        self.calls += 1
-
     def _infer_impl(self, feeds: dict) -> dict:
         binding = self.session.io_binding()
         for name, arr in feeds.items():

@@ -55,7 +55,7 @@ def make_inference(runner, values: Mapping[str, np.ndarray], batch: int, beams: 
         if "seqlens_k" not in names:
             raise BundleError(f"decoder {runner.path.name}: the manifest says cache type 'gqa' but the graph "
                               f"has no seqlens_k input (its inputs: {sorted(names)})")
-        if getattr(runner, "device_resident", False) or not hasattr(runner, "infer_bound"):
+        if getattr(runner, "device_resident", False) or not hasattr(runner, "run_binding"):
             raise BundleError(f"decoder {runner.path.name} runs GroupQueryAttention, which edge-run runs with "
                               f"onnxruntime on the CPU only; use backend 'cpu' for this module")
         own = {*GQA_STEP_INPUTS, *(name for i in range(cache["layers"]) for name in gqa_cache_names(i)[:2])}
@@ -226,7 +226,7 @@ class GqaDecoderInference(DecoderInference):
                 out[past_k], out[past_v] = k[:, :, :past], v[:, :, :past]
             return {**out, **self.cross}
 
-        self.runner.infer_bound(self._binding, reads)
+        self.runner.run_binding(self._binding, reads)
         self.step_times.append(self.runner.last_time)
         return self._out  # overwritten by the next step; decoding reads it before
 

@@ -188,7 +188,7 @@ class OnnxRuntimeRunner(Runner):
     def _infer_impl(self, feeds: dict) -> dict:
         return dict(zip(self._output_names, self.session.run(self._output_names, feeds)))
 
-    def infer_bound(self, binding, reads=None) -> None:
+    def run_binding(self, binding, reads=None) -> None:
         """Run through an IO binding (its inputs and outputs already bound), timed like `infer`.
         `reads()`: the arrays the call reads, built only for whoever captures the feeds (the bench's
         roofline, `roofline.captured_feeds`)."""

@@ -271,22 +271,22 @@ def captured_feeds(model, wanted: dict[str, tuple[int, ...]]):
             return _inner(feeds, check=check)
 
         runner.infer = infer  # an instance attribute shadows the method until deleted
-        if hasattr(runner, "infer_bound"):  # a decoder run through an IO binding (kvcache.GqaDecoderInference)
-            def infer_bound(binding, reads=None, *, _name=name, _inner=runner.infer_bound):
+        if hasattr(runner, "run_binding"):  # a decoder run through an IO binding (kvcache.GqaDecoderInference)
+            def run_binding(binding, reads=None, *, _name=name, _inner=runner.run_binding):
                 call = next(counters[_name])
                 if call in wanted[_name] and reads is not None:
                     got[(_name, call)] = {k: np.array(v) for k, v in reads().items()}
                 return _inner(binding, reads)
 
-            runner.infer_bound = infer_bound
+            runner.run_binding = run_binding
     counters = {name: itertools.count() for name in runners}
     try:
         yield got
     finally:
         for runner in runners.values():
             del runner.infer
-            if "infer_bound" in vars(runner):
-                del runner.infer_bound
+            if "run_binding" in vars(runner):
+                del runner.run_binding
 
 
 def decoder_modules(model, task: str) -> list[str]:
