@@ -108,7 +108,7 @@ def test_a_gqa_row_is_computed_the_same_wherever_it_sits(blip_bundle):
     assert not np.array_equal(logits[0], logits[1])
 
 
-def test_the_calibrated_decoder_runs_gqa_on_the_cpu_and_standard_ops_on_cuda(blip_int8_bundle):
+def test_the_calibrated_decoder_runs_gqa_on_the_cpu_and_standard_ops_on_cuda(blip_int8_bundle, blip_bundle):
     import onnx
 
     from edgerun.manifest import Manifest
@@ -116,6 +116,10 @@ def test_the_calibrated_decoder_runs_gqa_on_the_cpu_and_standard_ops_on_cuda(bli
 
     manifest = json.loads((blip_int8_bundle / "manifest.json").read_text())
     cpu, cuda = manifest["modules"]["decoder"], manifest["modules"]["decoder@cuda"]
+    # the float bundle's own decoder@cpu and its weights are left behind with the float decoder
+    assert "decoder.cpu.onnx" in json.loads((blip_bundle / "manifest.json").read_text())["files"]
+    assert "decoder@cpu" not in manifest["modules"]
+    assert not {"decoder.cpu.onnx", "decoder.onnx.data"} & set(manifest["files"])
     assert cpu["backends"] == ["cpu"] and cuda["backends"] == ["cuda"]
     assert cpu["extra"]["cache"]["type"] == "gqa" and cuda["extra"]["cache"].get("type", "kv") == "kv"
     assert cpu["external_data"] == cuda["external_data"] == ["decoder.int8.onnx.data"]  # weights stored once
