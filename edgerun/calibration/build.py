@@ -11,13 +11,12 @@ module, which keeps the CPU. `edgerun.runtime.variants.select_module` picks one 
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..export.gqa import CACHE_TYPE as GQA_CACHE
-from ..export.gqa import TOLERANCE, rewritten_dims
+from ..export.gqa import checked_rewrite, rewritten_dims
 from ..manifest import ModuleSpec
 from .blockwise import MIN_ONNXRUNTIME
 from .nodes import HEAD_REASON, Target, calibration_view, find_targets, float_nodes, load_model
@@ -147,18 +146,6 @@ def write_decoder(plan: ModulePlan, dst: Path, per_channel: bool, head: bool = F
                  per_channel=per_channel)
 
 
-@functools.lru_cache(maxsize=8)
-def _float_gqa_error(path: str, mtime_ns: int, layers: int, heads: int, head_dim: int) -> float | None:
-    """check_gqa_decoder on a float decoder file, once per file (--auto writes the variants once per
-    probe), or None where its attention is another pattern."""
-    from ..export.gqa import check_gqa_decoder
-
-    try:
-        return check_gqa_decoder(path, {"layers": layers, "heads": heads, "head_dim": head_dim})
-    except ValueError:
-        return None
-
-
 def write_gqa(plan: ModulePlan, out_dir: Path, cpu_file: str, progress: Callable[[str], None]) -> str | None:
     """Give the decoder's onnxruntime CPU variant `cpu_file` GroupQueryAttention self-attention
     (edgerun.export.gqa: ~20 kernels a layer become one, the cache written in place). The graph as
@@ -168,26 +155,13 @@ def write_gqa(plan: ModulePlan, out_dir: Path, cpu_file: str, progress: Callable
     the standard graph's new file name, or None (the variant stays as written)."""
     import onnx
 
-    from ..export.gqa import gqa_decoder
-
-    dims = plan.spec.extra.get("cache") or {}
-    if dims.get("type", "kv") != "kv" or not {"layers", "heads", "head_dim"} <= set(dims):
-        return None
-    error = _float_gqa_error(str(plan.path), plan.path.stat().st_mtime_ns, dims["layers"], dims["heads"],
-                             dims["head_dim"])
-    if error is None:
-        return None  # another attention pattern: the variant keeps the time-major interface
-    if error > TOLERANCE:
-        progress(f"{plan.name}: GroupQueryAttention not used, its logits differ by {error:.2g} of their magnitude")
-        return None
-    model = onnx.load(str(out_dir / cpu_file), load_external_data=False)
-    if not gqa_decoder(model, layers=dims["layers"], heads=dims["heads"], head_dim=dims["head_dim"]):
+    model = checked_rewrite(plan.path, plan.spec.extra.get("cache") or {}, plan.name, progress,
+                            graph=out_dir / cpu_file)
+    if model is None:
         return None
     standard = f"{plan.name}.int8-{CUDA_TAG}.onnx"
     (out_dir / cpu_file).replace(out_dir / standard)  # its weights stay in cpu_file's data file
     onnx.save_model(model, str(out_dir / cpu_file))  # the same external data, read by both graphs
-    progress(f"{plan.name}: self-attention as GroupQueryAttention in the CPU variant "
-             f"({dims['layers']} layers; logits within {error:.1g} of the float graph's)")
     return standard
 
 

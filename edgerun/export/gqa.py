@@ -22,6 +22,8 @@ matches; `check_gqa_decoder` compares the two graphs on random inputs before a b
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,6 +312,40 @@ def check_gqa_decoder(path, dims: dict, *, rows: int = 2, prompt: int = 2, steps
     return worst
 
 
+def checked_rewrite(path, dims: dict, name: str, progress=lambda msg: None, graph=None):
+    """The GroupQueryAttention rewrite (an ONNX ModelProto, its weights left in external data) of the
+    decoder graph at `graph` (default: `path`) when the float decoder at `path`, whose cache entry
+    `dims` is time-major, gives its logits within TOLERANCE rewritten the same way
+    (`check_gqa_decoder`, once per file); else None, saying why where it matched. `graph`: another
+    graph of the same decoder, e.g. its INT8 variant."""
+    import onnx
+
+    if dims.get("type", "kv") != "kv" or not {"layers", "heads", "head_dim"} <= set(dims):
+        return None
+    error = _float_error(str(path), os.stat(path).st_mtime_ns, dims["layers"], dims["heads"], dims["head_dim"])
+    if error is None:
+        return None  # another attention pattern: the decoder keeps the time-major interface
+    if error > TOLERANCE:
+        progress(f"{name}: GroupQueryAttention not used, its logits differ by {error:.2g} of their magnitude")
+        return None
+    model = onnx.load(str(graph or path), load_external_data=False)
+    if not gqa_decoder(model, layers=dims["layers"], heads=dims["heads"], head_dim=dims["head_dim"]):
+        return None
+    progress(f"{name}: self-attention as GroupQueryAttention for the CPU ({dims['layers']} layers; "
+             f"logits within {error:.1g} of the time-major graph's)")
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def _float_error(path: str, mtime_ns: int, layers: int, heads: int, head_dim: int) -> float | None:
+    """check_gqa_decoder once per file and version (calibrate's --auto writes its variants once per
+    probe), or None where the attention is another pattern."""
+    try:
+        return check_gqa_decoder(path, {"layers": layers, "heads": heads, "head_dim": head_dim})
+    except ValueError:
+        return None
+
+
 def rewritten_dims(dims: dict) -> dict:
     """The manifest's cache entry of a decoder once rewritten."""
     return {**dims, "type": CACHE_TYPE, "layout": CACHE_LAYOUT}
@@ -331,19 +367,9 @@ def add_cpu_variants(folder, modules: dict, progress=lambda msg: None) -> dict:
     out = dict(modules)
     for name, spec in modules.items():
         dims = spec.extra.get("cache") or {}
-        if dims.get("type", "kv") != "kv" or not {"layers", "heads", "head_dim"} <= set(dims) or "cpu" not in spec.backends:
+        model = checked_rewrite(Path(folder) / spec.file, dims, name, progress) if "cpu" in spec.backends else None
+        if model is None:
             continue
-        path = Path(folder) / spec.file
-        progress(f"{name}: checking its self-attention as GroupQueryAttention for the CPU")
-        try:
-            error = check_gqa_decoder(path, dims)
-        except ValueError:
-            continue
-        if error > TOLERANCE:
-            progress(f"{name}: GroupQueryAttention not used, its logits differ by {error:.2g} of their magnitude")
-            continue
-        model = onnx.load(str(path), load_external_data=False)
-        gqa_decoder(model, layers=dims["layers"], heads=dims["heads"], head_dim=dims["head_dim"])
         file = f"{name}.{CPU_TAG}.onnx"
         onnx.save_model(model, str(Path(folder) / file))  # reads the decoder's own weights file
         inputs, outputs = io_specs(Path(folder) / file)
