@@ -76,8 +76,8 @@ class _Matcher:
     def unheaded(self, name: str) -> str | None:
         """`name` = Reshape(x, (.., heads, head_dim)): x, else None."""
         reshape = self.producer(name, "Reshape")
-        shape = reshape is not None and self.g.constant(reshape.input[1])
-        if shape is None or shape is False or shape.ndim != 1 or len(shape) != 4:
+        shape = None if reshape is None else self.g.constant(reshape.input[1])
+        if shape is None or shape.ndim != 1 or len(shape) != 4:
             return None
         if list(shape[2:]) not in ([self.heads, self.head_dim], [self.heads, -1], [-1, self.head_dim]):
             return None
@@ -113,8 +113,8 @@ class _Matcher:
         if where is None or where.input[2] != scaled[0].output[0] or not self.shape_only(where.input[0]):
             return None
         fill = self.scalar(where.input[1])
-        softmax = where is not None and self.only_reader(where.output[0], "Softmax")
-        if fill is None or fill > NEG_FILL or not softmax or _attr(softmax, "axis", -1) not in (-1, 3):
+        softmax = self.only_reader(where.output[0], "Softmax")
+        if fill is None or fill > NEG_FILL or softmax is None or _attr(softmax, "axis", -1) not in (-1, 3):
             return None
         slices = self.readers.get(softmax.output[0], [])
         if len(slices) != 2 or any(s.op_type != "Slice" for s in slices):

@@ -195,10 +195,11 @@ class GqaDecoderInference(DecoderInference):
         self._values = [np.zeros(shape, np.float32) for _ in range(layers)]
         self._seqlens = np.zeros(rows, np.int32)
         self._total = np.zeros((), np.int32)
-        vocab = next((o.shape[-1] for o in self.runner.outputs if o.name == "logits"), None)
+        logits = next((o.shape for o in self.runner.outputs if o.name == "logits"), None)
+        vocab = logits[-1] if logits else None
         if not isinstance(vocab, int):
             raise BundleError(f"decoder {self.runner.path.name}: its logits need a fixed vocabulary size, "
-                              f"got shape {next((o.shape for o in self.runner.outputs if o.name == 'logits'), None)}")
+                              f"got shape {logits}")
         self._out = np.empty((rows, vocab), np.float32)
         binding = self.runner.session.io_binding()
         for name, array in (("seqlens_k", self._seqlens), ("total_sequence_length", self._total)):
@@ -219,7 +220,7 @@ class GqaDecoderInference(DecoderInference):
         self._seqlens[:] = past + new - 1
         self._total[...] = past + new
 
-        def reads() -> dict[str, np.ndarray]:  # the cache up to this step's end, as a past input would be
+        def reads() -> dict[str, np.ndarray]:  # the cache before this step, as a past input would be
             out = {"input_ids": ids, "seqlens_k": self._seqlens, "total_sequence_length": self._total}
             for i, (k, v) in enumerate(zip(self._keys, self._values)):
                 past_k, past_v, _, _ = gqa_cache_names(i)

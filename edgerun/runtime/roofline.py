@@ -271,7 +271,7 @@ def captured_feeds(model, wanted: dict[str, tuple[int, ...]]):
             return _inner(feeds, check=check)
 
         runner.infer = infer  # an instance attribute shadows the method until deleted
-        if hasattr(runner, "run_binding"):  # a decoder run through an IO binding (kvcache.GqaDecoderInference)
+        if hasattr(runner, "run_binding"):  # calls through an IO binding (GqaDecoderInference passes `reads`)
             def run_binding(binding, reads=None, *, _name=name, _inner=runner.run_binding):
                 call = next(counters[_name])
                 if call in wanted[_name] and reads is not None:
