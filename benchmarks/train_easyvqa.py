@@ -3,7 +3,7 @@
     python benchmarks/train_easyvqa.py --workdir /tmp/evqa-bench                  # the default models
     python benchmarks/train_easyvqa.py --workdir DIR --model tiny-cnn-lstm:12 --model small-vit-all:2:200
 
-Needs `pip install 'edge-run[export,train]'` (easy-vqa, sacrebleu; pycocoevalcap for CIDEr). Per
+Needs `pip install 'edge-run[export,train]'` (easy-vqa, sacrebleu). Per
 model (NAME:EPOCHS[:STEPS_PER_EPOCH], NAME a registry name or JSON config): `edge-run train` on easy-VQA's train split
 (10 % of its images held out for best.pt), then on the 1,000-image test split with 9,673 questions:
 VQA accuracy and caption BLEU / CIDEr-D of the torch checkpoint (greedy, through the runtime's decoder

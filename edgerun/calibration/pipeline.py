@@ -168,7 +168,7 @@ class _Job:
         self.source = open_source(data, seed=options.seed, every=options.every, samples=options.samples)
         self.task_data = (taskeval.load(options.eval_data, options.eval_samples)
                           if taskeval.is_data_spec(options.eval_data) else None)
-        self.task_reference: dict[tuple[str, str], float] = {}
+        self.task_reference = taskeval.TaskScores({})
         if self.task_data is not None:  # its images serve the agreement figures too
             self.eval_source = FolderSource(self.task_data.images, options.seed, options.eval_data, "data")
         else:
@@ -291,8 +291,8 @@ class _Job:
             reports[-1].gate = self.options.gate
             if self.task_data is not None:
                 self.progress(f"--eval: {name} variant on {taskeval.describe(self.task_data, model.manifest.tasks)}")
-                reports[-1].metrics += taskeval.metrics(taskeval.scores(model, self.task_data), self.task_reference,
-                                                        self.task_data)
+                found = taskeval.scores(model, self.task_data, self._eval_options())
+                reports[-1].metrics += taskeval.metrics(found, self.task_reference, self.task_data)
             del model
             gc.collect()
         self._timed("held-out comparison", t0)
@@ -305,11 +305,11 @@ class _Job:
         ref = accuracy.run(model, batches, self.texts, QUESTIONS, self._eval_options())
         if self.task_data is not None:
             self.progress(f"--eval: float twin on {taskeval.describe(self.task_data, model.manifest.tasks)}")
-            self.task_reference = taskeval.scores(model, self.task_data)
-            if not self.task_reference:
+            self.task_reference = taskeval.scores(model, self.task_data, self._eval_options())
+            if not self.task_reference.scores:
                 raise OptionError(f"--eval {self.options.eval_data} has no examples for this bundle's tasks "
-                                  f"({', '.join(model.manifest.tasks)}): retrieval needs captions, vqa questions "
-                                  "with answers")
+                                  f"({', '.join(model.manifest.tasks)}): caption and retrieval need captions, "
+                                  "vqa questions with answers")
         del model
         gc.collect()
         self._timed("held-out comparison", t0)

@@ -6,13 +6,18 @@ twin and for each quantized variant on the same examples, and the variant's drop
 score minus its own (`Metric.reference`):
 - retrieval (captions): recall@1 and @5, image->text (an image's best-ranked own caption among all
   captions) and text->image (a caption's image among all images);
-- vqa (questions with answers): VQA accuracy (edgerun.train.metrics) of greedy answers.
-Captioning is not scored against references here (its agreement with the float twin still is).
+- vqa (questions with answers): VQA accuracy (edgerun.train.metrics) of greedy answers;
+- caption (captions): corpus BLEU-4 (sacrebleu, as a fraction, 0..1) and CIDEr-D
+  (edgerun.train.metrics) of each captioned image's caption against its references, decoded as the
+  held-out comparison decodes (`--eval-beams`, else the bundle's beams). Beside them, as agreements
+  with the float twin (1: the same captions), the same two scores with the float twin's captions as
+  the references, each divided by what the float captions score against themselves
+  (`bleu_vs_float`, `cider_vs_float`).
 With task metrics present, `--max-drop` and `--auto` judge them, not the agreement figures.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,19 +60,67 @@ def load(spec: str, images: int) -> TaskData:
                     data.skipped.summary() if data.skipped.examples else "")
 
 
-def scores(model, data: TaskData) -> dict[tuple[str, str], float]:
-    """{(task, metric): score} of `model` (a loaded bundle) on `data`, for the tasks both have."""
+@dataclass
+class TaskScores:
+    """What one model scored on the --eval data, and its captions (for the agreement figures)."""
+
+    scores: dict[tuple[str, str], float]
+    captions: list[str] | None = None  # one per captioned image, in the order of `captioned`
+
+
+def scores(model, data: TaskData, options: Mapping | None = None) -> TaskScores:
+    """`model`'s (a loaded bundle) scores on `data`, for the tasks both have; captions are decoded
+    with `options` (num_beams)."""
     out: dict[tuple[str, str], float] = {}
     tasks = model.manifest.tasks
+    captions = None
     if "retrieval" in tasks and data.captions:
         out.update(retrieval_scores(model, data))
     if "vqa" in tasks and data.questions:
         out[("vqa", "vqa_accuracy")] = vqa_score(model, data)
+    if "caption" in tasks and data.captions:
+        from ..train.metrics import caption_scores
+
+        captions = caption_texts(model, data, options or {})
+        found = caption_scores(captions, references(data))
+        out[("caption", "bleu")] = found["bleu"] / 100
+        out[("caption", "cider")] = found["cider"]
+    return TaskScores(out, captions)
+
+
+def captioned(data: TaskData) -> list[int]:
+    """The images (indices into data.images) that have reference captions, in order."""
+    return sorted({i for i, _ in data.captions})
+
+
+def references(data: TaskData) -> list[list[str]]:
+    """Per captioned image, its reference captions."""
+    row = {image: k for k, image in enumerate(captioned(data))}
+    out: list[list[str]] = [[] for _ in row]
+    for image, text in data.captions:
+        out[row[image]].append(text)
     return out
 
 
+def caption_texts(model, data: TaskData, options: Mapping) -> list[str]:
+    paths = [str(data.images[i]) for i in captioned(data)]
+    return [c.text for i in range(0, len(paths), BATCH) for c in model.caption_batch(paths[i:i + BATCH], **options)]
+
+
+def float_agreement(got: list[str], reference: list[str]) -> list[Metric]:
+    """BLEU and CIDEr-D of `got` with the float twin's captions `reference` as the references, each
+    over what the float captions score against themselves (1: the same captions). A score the float
+    captions cannot earn (no 4-grams for BLEU, a single image for CIDEr) gives no metric."""
+    from ..train.metrics import caption_scores
+
+    as_refs = [[c] for c in reference]
+    own, mine = caption_scores(reference, as_refs), caption_scores(got, as_refs)
+    return [Metric("caption", f"{name}_vs_float", min(1.0, mine[name] / own[name]), samples=len(got))
+            for name in ("bleu", "cider") if own[name] > 0]
+
+
 def retrieval_scores(model, data: TaskData) -> dict[tuple[str, str], float]:
-    used = sorted({i for i, _ in data.captions})
+    used = captioned(data)
     row = {image: k for k, image in enumerate(used)}
     paths = [str(data.images[i]) for i in used]
     images = np.concatenate([model.embed_images(paths[i:i + BATCH]) for i in range(0, len(paths), BATCH)])
@@ -99,13 +152,16 @@ def vqa_score(model, data: TaskData) -> float:
     return mean_vqa_accuracy(got, [q[2] for q in data.questions])
 
 
-def metrics(got: dict[tuple[str, str], float], reference: dict[tuple[str, str], float],
-            data: TaskData | None = None) -> list[Metric]:
+def metrics(got: TaskScores, reference: TaskScores, data: TaskData | None = None) -> list[Metric]:
     """A variant's task scores as metrics whose drop is measured from the float twin's, each with
-    the number of examples it is a rate over when `data` is given."""
-    return [Metric(task, name, got[(task, name)], reference=reference[(task, name)],
-                   samples=None if data is None else rate_over(data, task, name))
-            for task, name in reference if (task, name) in got]
+    the number of examples it is a rate over when `data` is given; for captions, the agreement
+    with the float twin's captions too."""
+    out = [Metric(task, name, got.scores[(task, name)], reference=reference.scores[(task, name)],
+                  samples=None if data is None else rate_over(data, task, name))
+           for task, name in reference.scores if (task, name) in got.scores]
+    if got.captions is not None and reference.captions is not None:
+        out += float_agreement(got.captions, reference.captions)
+    return out
 
 
 def rate_over(data: TaskData, task: str, name: str) -> int | None:
@@ -123,7 +179,7 @@ def counts(data: TaskData) -> dict[str, int]:
 
 def describe(data: TaskData, tasks: Sequence[str]) -> str:
     parts = [f"{len(data.images)} images"]
-    if "retrieval" in tasks:
+    if "retrieval" in tasks or "caption" in tasks:
         parts.append(f"{len(data.captions)} captions")
     if "vqa" in tasks:
         parts.append(f"{len(data.questions)} questions")

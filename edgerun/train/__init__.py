@@ -9,7 +9,7 @@ Modules, each imported where used (this package imports nothing; `options` and `
   decoded once through the runtime's own preprocessing.
 - `batches`: the families' loss batches, in a seeded order that a resumed run repeats.
 - `options`: `TrainOptions`.
-- `metrics`: VQA accuracy, caption BLEU (sacrebleu) and CIDEr-D (pycocoevalcap, optional).
+- `metrics`: VQA accuracy, caption BLEU (sacrebleu) and CIDEr-D.
 - `evaluate`: validation of a torch model (losses, greedy captions and answers, metrics).
 - `state`: the resumable training state; atomic file writing.
 - `loop`: `train()`.

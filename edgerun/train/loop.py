@@ -35,7 +35,6 @@ from ..models.families.tokenizer import WordTokenizer
 from .batches import Batcher, answer_set, config_tasks, epoch_batches, text_limits, trained_kinds
 from .data import DataError, ImageStore, ImageTextData, Skipped, load_data, split_by_image
 from .evaluate import METRICS, better, evaluate, pick_metric
-from .metrics import has_cider
 from .options import RESUMABLE, TrainOptions
 from .state import STATE_FILE, load_state, restore_rng, save_state, write_json
 
@@ -176,14 +175,13 @@ def _metric(requested: str, model, kinds, val: ImageTextData) -> str:
     available = {"loss"}
     if "caption" in kinds and "caption" in model.tasks and val.captions:
         require("sacrebleu", "train")  # now, not after the first epoch
-        available |= {"bleu", "cider"} if has_cider() else {"bleu"}
+        available |= {"bleu", "cider"}
     if "vqa" in kinds and val.questions:
         available.add("vqa_accuracy")
     if requested == "auto":
         return pick_metric("auto", dict.fromkeys(available))
     if requested not in available:
-        extra = " (cider needs: pip install pycocoevalcap)" if requested == "cider" else ""
-        raise OptionError(f"metric {requested!r} is not available for this model and data{extra}; "
+        raise OptionError(f"metric {requested!r} is not available for this model and data; "
                           f"valid: {', '.join(m for m in METRICS if m in available)}")
     return requested
 

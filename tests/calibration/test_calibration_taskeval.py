@@ -109,3 +109,58 @@ def test_rates_are_over_images_captions_or_questions():
     assert taskeval.rate_over(data, "retrieval", "image_to_text_recall@5") == 2  # images that have captions
     assert taskeval.rate_over(data, "retrieval", "text_to_image_recall@1") == 3
     assert taskeval.rate_over(data, "vqa", "vqa_accuracy") == 1
+
+
+@pytest.fixture(scope="module")
+def caption_data(blip_bundle, tmp_path_factory):
+    """Images captioned by the float bundle, those captions their references: float BLEU is 1."""
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("caption-data")
+    names = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
+    for name in names:
+        cv2.imwrite(str(folder / f"{name}.jpg"), getattr(data, name)()[..., :3][..., ::-1])
+    paths = [str(folder / f"{n}.jpg") for n in names]
+    texts = [c.text for c in edgerun.load(blip_bundle).caption_batch(paths)]
+    doc = {"images": [{"id": i, "file_name": f"{n}.jpg"} for i, n in enumerate(names)],
+           "annotations": [{"id": i, "image_id": i, "caption": t} for i, t in enumerate(texts)]}
+    (folder / "captions.json").write_text(json.dumps(doc))
+    return folder, paths, texts
+
+
+def test_eval_data_scores_captions_against_references_and_the_float_captions(blip_bundle, caption_data, tmp_path):
+    from edgerun.train.metrics import caption_scores
+
+    folder, paths, texts = caption_data
+    options = CalibrationOptions(samples=4, decoder_samples=2, eval_data=str(folder / "captions.json"))
+    report = calibrate(blip_bundle, str(folder), tmp_path / "out", options)
+    cpu = {m.name: m for m in next(r for r in report.accuracy if r.variant == "cpu").metrics}
+    own = caption_scores(texts, [[t] for t in texts])
+    assert cpu["bleu"].reference == pytest.approx(own["bleu"] / 100) == pytest.approx(1.0)
+    assert cpu["cider"].reference == pytest.approx(own["cider"])
+    int8 = [c.text for c in edgerun.load(tmp_path / "out").caption_batch(paths)]
+    mine = caption_scores(int8, [[t] for t in texts])
+    assert cpu["bleu"].value == pytest.approx(mine["bleu"] / 100)
+    assert cpu["cider"].value == pytest.approx(mine["cider"])
+    # the references are the float captions, so the agreements are the same scores over the float's own
+    assert cpu["bleu_vs_float"].value == pytest.approx(min(1.0, mine["bleu"] / own["bleu"]))
+    assert cpu["cider_vs_float"].value == pytest.approx(min(1.0, mine["cider"] / own["cider"]))
+    assert cpu["bleu_vs_float"].reference is None and cpu["bleu_vs_float"].samples == len(paths)
+    gating = next(r for r in report.accuracy if r.variant == "cpu").gating
+    assert {m.name for m in gating} == {"bleu", "cider"}  # the task scores gate, not the agreements
+    q = json.loads((tmp_path / "out" / "manifest.json").read_text())["quantization"]
+    assert q["accuracy"]["eval_data"] == {"images": len(paths), "captions": len(paths), "questions": 0}
+    entry = next(m for v in q["accuracy"]["variants"] if v["variant"] == "cpu" for m in v["metrics"]
+                 if m["metric"] == "cider")
+    assert entry["float"] == pytest.approx(own["cider"], abs=1e-6) and entry["task"] == "caption"
+
+
+def test_caption_references_follow_the_captioned_images():
+    data = taskeval.TaskData(images=[], captions=[(2, "c"), (0, "a"), (0, "b")], questions=[], skipped="")
+    assert taskeval.captioned(data) == [0, 2]
+    assert taskeval.references(data) == [["a", "b"], ["c"]]
+    assert taskeval.rate_over(data, "caption", "bleu") is None  # a corpus score, not a rate over examples
+    same = taskeval.float_agreement(["a b c d", "e f g h"], ["a b c d", "e f g h"])
+    assert [(m.name, m.value) for m in same] == [("bleu_vs_float", pytest.approx(1.0)), ("cider_vs_float", 1.0)]
+    other = {m.name: m.value for m in taskeval.float_agreement(["a b x d", "e f g h"], ["a b c d", "e f g h"])}
+    assert 0 < other["bleu_vs_float"] < 1 and 0 < other["cider_vs_float"] < 1
