@@ -51,7 +51,7 @@ import click
 @click.option("--sensitivity", is_flag=True, help="rank the layers by the error each one alone adds")
 @click.option("--eval", "eval_data", help="held-out data: images (default: source images calibration did not "
               "use, then crops and flips of them), or data files (.json, comma-separated: COCO captions, VQA "
-              "questions/answers) scored on recall@1/@5 and VQA accuracy against the float twin")
+              "questions/answers) scored on recall@1/@5, VQA accuracy and caption BLEU-4 / CIDEr-D against the float twin")
 @click.option("--eval-samples", type=int, default=64, show_default=True, help="held-out images compared (with data files: "
               "the first N images that have examples)")
 @click.option("--eval-beams", type=int, help="beams for held-out captions and answers (default: the bundle's)")

@@ -13,7 +13,7 @@ point (`edge-run calibrate`). The parts, in the order a run uses them:
   fp16.py         FP16 GPU variants
   build.py        variant files and their manifest entries
   accuracy.py     held-out comparison with the float twin
-  taskeval.py     --eval data files: recall and VQA accuracy against the float twin's
+  taskeval.py     --eval data files: recall, VQA accuracy, caption BLEU/CIDEr-D against the float twin's
   trtcache.py     TensorRT calibration cache from the same statistics
 Nothing here imports torch; onnx is needed (pip install 'edge-run[calibrate]').
 """
