@@ -305,7 +305,7 @@ def calibrate_edgerun(bundle: Path, out: Path, images: Path) -> dict:
 
     images.mkdir(parents=True, exist_ok=True)
     for photo in load_photos()[0]:  # the captioned photos the installed packages ship
-        link = images / f"{photo.source}_{photo.file}"
+        link = images / photo.flat_name
         if not link.exists():
             link.symlink_to(photo.path)
     start = time.perf_counter()

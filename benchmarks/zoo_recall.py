@@ -75,10 +75,13 @@ def line(name: str, m: dict[str, float]) -> str:
 
 def subsets(photos: list[Photo]) -> dict[str, list[int]]:
     """The photo sets a test may see, by which optional sources are installed."""
+    import itertools
+
     out = {"all": list(range(len(photos)))}
-    for name, drop in (("without darknet", {"darknet"}), ("without matplotlib", {"matplotlib"}),
-                       ("without darknet, matplotlib", {"darknet", "matplotlib"})):
-        out[name] = [i for i, p in enumerate(photos) if p.source not in drop]
+    optional = ("darknet", "matplotlib", "opencv")
+    for k in (1, 2, 3):
+        for drop in itertools.combinations(optional, k):
+            out[f"without {', '.join(drop)}"] = [i for i, p in enumerate(photos) if p.source not in drop]
     return out
 
 

@@ -1,8 +1,8 @@
 """Real photographs that install offline with packages, and a caption for each written by a person.
 
 The photos are not copied into edge-run: `photos.json` names the package that ships each file
-(scikit-image, scikit-learn, matplotlib, Debian's darknet). The zoo recall test, its benchmark and
-`edge-run demo` use them.
+(scikit-image, scikit-learn, matplotlib, Debian's darknet and opencv-doc; a file may sit in a
+folder below its package's root). The zoo recall test, its benchmark and `edge-run demo` use them.
 """
 from __future__ import annotations
 
@@ -12,16 +12,23 @@ from pathlib import Path
 
 CAPTIONS = Path(__file__).with_name("photos.json")
 DARKNET_DATA = Path("/usr/share/darknet/data")
+OPENCV_EXAMPLES = Path("/usr/share/doc/opencv-doc/examples")
 INSTALL = {"skimage": "pip install scikit-image", "sklearn": "pip install scikit-learn",
-           "matplotlib": "pip install matplotlib", "darknet": "apt-get install -y darknet"}
+           "matplotlib": "pip install matplotlib", "darknet": "apt-get install -y darknet",
+           "opencv": "apt-get install -y opencv-doc"}
 
 
 @dataclass(frozen=True)
 class Photo:
     source: str
-    file: str
+    file: str  # relative to the source's root; may name a folder below it
     caption: str
     path: Path
+
+    @property
+    def flat_name(self) -> str:
+        """A file name unique among all the photos, for a folder of links to them."""
+        return f"{self.source}_{self.file.replace('/', '_')}"
 
 
 def photo_roots() -> dict[str, Path | None]:
@@ -40,6 +47,7 @@ def photo_roots() -> dict[str, Path | None]:
     except ImportError:
         roots["matplotlib"] = None
     roots["darknet"] = DARKNET_DATA if DARKNET_DATA.is_dir() else None
+    roots["opencv"] = OPENCV_EXAMPLES if OPENCV_EXAMPLES.is_dir() else None
     return roots
 
 

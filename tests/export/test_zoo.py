@@ -27,10 +27,14 @@ TEXTS = ["a dog", "café über Zürich — 東京 🙂", "two horses running acr
 # Recall of the default bundle (top_k 20, temperature 3, centred) by which optional photo sources are
 # missing; from `python benchmarks/zoo_recall.py bundle DIR`. Order: i2t@1, i2t@5, t2i@1, t2i@5.
 EXPECTED = {
-    (): (17 / 27, 24 / 27, 16 / 27, 21 / 27),
-    ("darknet",): (11 / 21, 18 / 21, 11 / 21, 15 / 21),
-    ("matplotlib",): (16 / 26, 23 / 26, 15 / 26, 20 / 26),
-    ("darknet", "matplotlib"): (10 / 20, 17 / 20, 10 / 20, 14 / 20),
+    (): (27 / 72, 45 / 72, 24 / 72, 42 / 72),
+    ("darknet",): (21 / 66, 39 / 66, 21 / 66, 37 / 66),
+    ("matplotlib",): (26 / 71, 45 / 71, 23 / 71, 41 / 71),
+    ("darknet", "matplotlib"): (20 / 65, 39 / 65, 20 / 65, 36 / 65),
+    ("opencv",): (17 / 27, 24 / 27, 16 / 27, 21 / 27),
+    ("darknet", "opencv"): (11 / 21, 18 / 21, 11 / 21, 15 / 21),
+    ("matplotlib", "opencv"): (16 / 26, 23 / 26, 15 / 26, 20 / 26),
+    ("darknet", "matplotlib", "opencv"): (10 / 20, 17 / 20, 10 / 20, 14 / 20),
 }
 
 
@@ -199,3 +203,13 @@ def test_darknet_photos_are_present_for_the_full_set():
         pytest.skip(f"darknet's photos are not installed ({missing['darknet']}); recall ran on {len(found)} photos")
     assert {p.file for p in found if p.source == "darknet"} == {
         "dog.jpg", "eagle.jpg", "giraffe.jpg", "horses.jpg", "kite.jpg", "person.jpg"}
+
+
+def test_opencv_doc_photos_are_present_for_the_full_set():
+    found, missing = _benchmark().load_photos()
+    if "opencv" in missing:
+        pytest.skip(f"opencv-doc's photos are not installed ({missing['opencv']}); recall ran on {len(found)} photos")
+    mine = [p for p in found if p.source == "opencv"]
+    assert len(mine) == 45 and {p.file.split("/")[0] for p in mine} == {"data", "text", "alphamat", "reg",
+                                                                        "dnn_superres", "hfs"}
+    assert len({p.flat_name for p in found}) == len(found)  # one link name per photo
