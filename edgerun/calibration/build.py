@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..export.gqa import CACHE_TYPE as GQA_CACHE
 from ..export.gqa import checked_rewrite, rewritten_dims
+from ..export.simplify import prepack_tied_head
 from ..manifest import ModuleSpec
 from .blockwise import MIN_ONNXRUNTIME
 from .nodes import HEAD_REASON, Target, calibration_view, find_targets, float_nodes, load_model
@@ -160,6 +161,7 @@ def write_gqa(plan: ModulePlan, out_dir: Path, cpu_file: str, progress: Callable
     if model is None:
         return None
     standard = f"{plan.name}.int8-{CUDA_TAG}.onnx"
+    prepack_tied_head(model.graph)  # a head left float: prepacked, its table still held once
     (out_dir / cpu_file).replace(out_dir / standard)  # its weights stay in cpu_file's data file
     onnx.save_model(model, str(out_dir / cpu_file))  # the same external data, read by both graphs
     return standard

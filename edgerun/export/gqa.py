@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runtime.kvcache import GQA_STEP_INPUTS, gqa_cache_names
-from .simplify import _attr, _Graph, _perm, drop_dead_nodes, readers_of
+from .simplify import _attr, _Graph, _perm, drop_dead_nodes, prepack_tied_head, readers_of
 
 NEG_FILL = -1e4  # a masked score at or below this is as good as -inf after the softmax
 CACHE_TYPE = "gqa"  # the manifest's cache type of a rewritten decoder (edgerun.runtime.kvcache)
@@ -353,8 +353,9 @@ def rewritten_dims(dims: dict) -> dict:
 
 def add_cpu_variants(folder, modules: dict, progress=lambda msg: None) -> dict:
     """For each time-major decoder among `modules` (name -> ModuleSpec, files in `folder`): its
-    GroupQueryAttention rewrite as `NAME@cpu` (file `NAME.cpu.onnx`, the same weights file), when it
-    gives the decoder's logits within TOLERANCE; the decoder itself then serves the other backends
+    GroupQueryAttention rewrite as `NAME@cpu` (file `NAME.cpu.onnx`, the same weights file, a tied
+    LM head prepacked: `simplify.prepack_tied_head`), when it gives the decoder's logits within
+    TOLERANCE; the decoder itself then serves the other backends
     (onnxruntime's CUDA provider has no float32 GroupQueryAttention; TensorRT parses standard ops
     only). Returns the modules with the variants added."""
     from dataclasses import replace
@@ -371,6 +372,8 @@ def add_cpu_variants(folder, modules: dict, progress=lambda msg: None) -> dict:
         if model is None:
             continue
         file = f"{name}.{CPU_TAG}.onnx"
+        if prepack_tied_head(model.graph):
+            progress(f"{name}: the tied LM head prepacked for the CPU (the table's bytes named twice, held once)")
         onnx.save_model(model, str(Path(folder) / file))  # reads the decoder's own weights file
         inputs, outputs = io_specs(Path(folder) / file)
         out[name] = replace(spec, backends=tuple(b for b in spec.backends if b != "cpu"))

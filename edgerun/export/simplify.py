@@ -540,3 +540,44 @@ def tied_head_weight(graph) -> int:
     if undone:
         drop_dead_nodes(graph)
     return undone
+
+
+PREPACKED_HEAD = "_prepacked_head"  # suffix of the head's own name for the embedding table's bytes
+
+
+def prepack_tied_head(graph) -> int:
+    """For onnxruntime's CPU provider: let a tied LM head be prepacked without the table being held
+    twice; returns how many heads. `share_tied_head` feeds the head its table through a Reshape, so
+    the product packs the whole table again at every call (BLIP-base's FP32 step: ~2.3 ms of 24).
+    Here the head reads a constant initializer of its own that names the very bytes of the
+    embedding table in the external data file (location, offset and length alike: nothing more on
+    disk). onnxruntime maps external data from the file; it prepacks the head's copy once and lets
+    the mapping go, while the embedding's Gather keeps reading the mapped table, of which only the
+    rows looked up stay resident: the same steady memory as before (BLIP-base's decoder: 1,040 MB of
+    RSS either way; +40 MB at the peak, while the session is created). A table stored inside the
+    .onnx file is left alone (its bytes would be written twice)."""
+    from onnx import TensorProto
+
+    g = _Graph(graph)
+    external = [r.input[0] for r in (g.producer.get(n.input[1]) for n in graph.node if n.op_type == "Gemm"
+                                     and len(n.input) > 1)
+                if r is not None and r.op_type == "Reshape" and r.input[0] in g.inits
+                and g.inits[r.input[0]].data_location == TensorProto.EXTERNAL]
+    if not external or not tied_head_weight(graph):
+        return 0
+    done = 0
+    for node in graph.node:
+        if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in external:
+            continue
+        table = g.inits[node.input[1]]
+        name = table.name + PREPACKED_HEAD
+        if name not in g.inits:
+            alias = TensorProto(name=name, data_type=table.data_type, dims=table.dims,
+                                data_location=TensorProto.EXTERNAL)
+            alias.external_data.extend(table.external_data)
+            graph.initializer.append(alias)
+            g.inits[name] = alias
+        node.input[1] = name
+        done += 1
+    share_tied_head(graph)  # any head whose table is stored in the .onnx file: back through the Reshape
+    return done

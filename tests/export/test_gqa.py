@@ -176,3 +176,21 @@ def test_the_roofline_counts_what_a_gqa_step_reads(blip_int8_bundle):
         v.nbytes for v in step.values())
     assert work["decoder_first"]["bytes"] < work["decoder_per_token"]["bytes"]
     assert "run_binding" not in vars(model.runner("decoder"))  # the hook is gone afterwards
+
+
+def test_the_cpu_decoder_prepacks_its_tied_head_from_the_tables_bytes(blip_bundle):
+    """decoder@cpu: the LM head reads its own constant naming the embedding table's bytes in the
+    decoder's weights file (onnxruntime prepacks it; the table stays one copy on disk)."""
+    import onnx
+
+    from edgerun.export.simplify import PREPACKED_HEAD
+
+    model = onnx.load(str(blip_bundle / "decoder.cpu.onnx"), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    head = next(n for n in model.graph.node if n.op_type == "Gemm" and n.output[0] == "logits")
+    assert head.input[1].endswith(PREPACKED_HEAD)
+    table = inits[head.input[1].removesuffix(PREPACKED_HEAD)]
+    assert list(inits[head.input[1]].external_data) == list(table.external_data)
+    assert any(n.op_type == "Gather" and n.input[0] == table.name for n in model.graph.node)
+    standard = onnx.load(str(blip_bundle / "decoder.onnx"), load_external_data=False)
+    assert not any(i.name.endswith(PREPACKED_HEAD) for i in standard.graph.initializer)  # CUDA, TensorRT: as exported

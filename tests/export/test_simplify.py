@@ -208,3 +208,52 @@ def test_the_tied_head_reads_the_one_table_through_a_reshape(blip_bundle, tmp_pa
         feeds[i.name] = rng.integers(1, 50, shape) if i.type == "tensor(int64)" else rng.standard_normal(shape).astype(np.float32)
     want, got = (s.run(["logits"], feeds)[0] for s in run)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _tied_model(tmp_path, external: bool):
+    """Gather from an embedding table, a tied head over it (as exported: through the Reshape)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgerun.export.simplify import share_tied_head
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((50, 8)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"], name="embed"),
+             helper.make_node("Gemm", ["h", "table"], ["logits"], name="head", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert share_tied_head(model.graph) == 1
+    path = tmp_path / ("external.onnx" if external else "embedded.onnx")
+    onnx.save_model(model, str(path), save_as_external_data=external, location=path.name + ".data",
+                    size_threshold=256)  # the table (1,600 bytes), not the Reshape's shape constants
+    return path
+
+
+def test_the_tied_head_is_prepacked_from_the_same_bytes_on_disk(tmp_path):
+    """prepack_tied_head: the head reads a constant of its own naming the table's very bytes in the
+    data file (nothing more on disk), no Reshape; the same logits. A table inside the .onnx file
+    stays behind the Reshape (aliasing it would write its bytes twice)."""
+    from edgerun.export.simplify import PREPACKED_HEAD, prepack_tied_head
+
+    path = _tied_model(tmp_path, external=True)
+    model = onnx.load(str(path), load_external_data=False)
+    assert prepack_tied_head(model.graph) == 1
+    inits = {i.name: i for i in model.graph.initializer}
+    head = next(n for n in model.graph.node if n.op_type == "Gemm")
+    assert head.input[1] == "table" + PREPACKED_HEAD
+    assert list(inits[head.input[1]].external_data) == list(inits["table"].external_data)
+    assert list(inits[head.input[1]].dims) == [50, 8] and not any(n.op_type == "Reshape" for n in model.graph.node)
+    prepacked = tmp_path / "prepacked.onnx"
+    onnx.save_model(model, str(prepacked))
+    size = (tmp_path / "external.onnx.data").stat().st_size
+    ids = np.array([3, 0, 49])
+    want, got = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+                 for p in (path, prepacked))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert (tmp_path / "external.onnx.data").stat().st_size == size and len(list(tmp_path.glob("*.data"))) == 1
+
+    embedded = onnx.load(str(_tied_model(tmp_path, external=False)))
+    assert prepack_tied_head(embedded.graph) == 0
+    assert any(n.op_type == "Reshape" for n in embedded.graph.node)
