@@ -5,6 +5,8 @@ bundles alternating, and two isolated kernel comparisons.
     python benchmarks/graph_probe.py captions BUNDLE_A BUNDLE_B [--rounds 12]   # alternating captions
     python benchmarks/graph_probe.py gqa [--past 10]     # 12 self-attentions: decomposed vs GroupQueryAttention
     python benchmarks/graph_probe.py head [--vocab 50257]   # tied LM head: through a Reshape vs prepacked
+    python benchmarks/graph_probe.py xattn [--keys 577]  # 12 cross-attentions: decomposed vs GroupQueryAttention
+    python benchmarks/graph_probe.py rows                # MatMulNBits chained at 1-4 rows
 
 `profile` feeds random inputs (3 rows, one new token, the given past, batch 1; 384 px for an image
 input unless its size is fixed; a GroupQueryAttention decoder's cache bound in place as the runtime
@@ -277,6 +279,125 @@ def head(vocab: int, width: int = 768, rows: int = 3) -> None:
     _alternate({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, feeds, rounds=40)
 
 
+def xattn(keys: int, layers: int = 12, beams: int = 3, heads: int = 8, size: int = 96) -> None:
+    """Cross-attention of `layers` layers at one new token: as the decoders run it (each (head,
+    beam) product against the image's one K/V copy, then Softmax, then V) against one
+    GroupQueryAttention per layer with the beams as query heads sharing each head's K/V (the K/V
+    as the past of one batch entry, one spare slot for the token the op appends, masked by
+    attention_bias = -inf). Same outputs; not built (see docs/benchmarks.md, seventh round)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    width, rng = heads * size, np.random.default_rng(0)
+    kv = [rng.standard_normal((2, 1, heads, keys, size)).astype(np.float32) for _ in range(layers)]
+    x = rng.standard_normal((beams, 1, width)).astype(np.float32)
+
+    def const(name, value):
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    def build(kind: str):
+        spare = int(kind == "gqa")
+        ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)]
+        outs, nodes, prev = [], [], "x"
+        inits = [const("ax0", np.array([0], np.int64)), const("scale", np.float32(size ** -0.5)),
+                 const("q_split", np.array([beams, heads, size], np.int64)),
+                 const("back", np.array([beams, 1, width], np.int64))]
+        if spare:
+            bias = np.zeros((1, 1, 1, keys + 1), np.float32)
+            bias[..., keys] = -np.inf
+            inits += [const("bias", bias), const("zeros", np.zeros((1, 1, width), np.float32)),
+                      const("q_flat", np.array([1, 1, beams * width], np.int64)),
+                      const("o_split", np.array([heads, beams, size], np.int64))]
+            ins += [helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+                    helper.make_tensor_value_info("total", TensorProto.INT32, [])]
+        for i in range(layers):
+            for t in "kv":
+                ins.append(helper.make_tensor_value_info(f"{t}{i}", TensorProto.FLOAT, [1, heads, keys + spare, size]))
+            q = [helper.make_node("Reshape", [prev, "q_split"], [f"q3_{i}"]),
+                 helper.make_node("Transpose", [f"q3_{i}"], [f"qt_{i}"], perm=[1, 0, 2])]  # (heads, beams, size)
+            if kind == "gqa":
+                outs += [helper.make_tensor_value_info(f"{t}{i}_out", TensorProto.FLOAT, None) for t in "kv"]
+                nodes += q + [
+                    helper.make_node("Reshape", [f"qt_{i}", "q_flat"], [f"q_{i}"]),
+                    helper.make_node("GroupQueryAttention", [f"q_{i}", "zeros", "zeros", f"k{i}", f"v{i}", "seqlens_k",
+                                                             "total", "", "", "", "bias"],
+                                     [f"a_{i}", f"k{i}_out", f"v{i}_out"], domain="com.microsoft",
+                                     num_heads=heads * beams, kv_num_heads=heads, scale=size ** -0.5),
+                    helper.make_node("Reshape", [f"a_{i}", "o_split"], [f"a3_{i}"])]
+            else:
+                nodes += q + [
+                    helper.make_node("Unsqueeze", [f"qt_{i}", "ax0"], [f"q4_{i}"]),  # (1, heads, beams, size)
+                    helper.make_node("Transpose", [f"k{i}"], [f"kt_{i}"], perm=[0, 1, 3, 2]),
+                    helper.make_node("MatMul", [f"q4_{i}", f"kt_{i}"], [f"s_{i}"]),
+                    helper.make_node("Mul", [f"s_{i}", "scale"], [f"ss_{i}"]),
+                    helper.make_node("Softmax", [f"ss_{i}"], [f"p_{i}"], axis=-1),
+                    helper.make_node("MatMul", [f"p_{i}", f"v{i}"], [f"a4_{i}"]),
+                    helper.make_node("Reshape", [f"a4_{i}", "o_split_d"], [f"a3_{i}"])]
+            nodes += [helper.make_node("Transpose", [f"a3_{i}"], [f"at_{i}"], perm=[1, 0, 2]),
+                      helper.make_node("Reshape", [f"at_{i}", "back"], [f"o_{i}"])]
+            prev = f"o_{i}"
+        if kind != "gqa":
+            inits.append(const("o_split_d", np.array([heads, beams, size], np.int64)))
+        nodes.append(helper.make_node("Identity", [prev], ["y"]))
+        graph = helper.make_graph(nodes, kind, ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None), *outs],
+                                  inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        return ort.InferenceSession(model.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+
+    plain = build("decomposed")
+    plain_feeds = {"x": x, **{f"{t}{i}": kv[i][j] for i in range(layers) for j, t in enumerate("kv")}}
+    gqa_session, keep = build("gqa"), []
+    binding = gqa_session.io_binding()
+    binding.bind_cpu_input("x", x)
+    binding.bind_cpu_input("seqlens_k", np.array([keys], np.int32))
+    binding.bind_cpu_input("total", np.array(keys + 1, np.int32))
+    for i in range(layers):
+        for j, t in enumerate("kv"):
+            buffer = np.zeros((1, heads, keys + 1, size), np.float32)
+            buffer[:, :, :keys] = kv[i][j]
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            keep += [buffer, value]
+            binding.bind_ortvalue_input(f"{t}{i}", value)
+            binding.bind_ortvalue_output(f"{t}{i}_out", value)
+    binding.bind_output("y")
+    want = plain.run(["y"], plain_feeds)[0]
+    gqa_session.run_with_iobinding(binding)
+    got = binding.get_outputs()[-1].numpy()
+    print(f"{layers} cross-attentions, {beams} beams x {heads} heads x {size}, {keys} keys: outputs within "
+          f"{np.abs(got - want).max():.1e}")
+    _alternate({"decomposed (as the decoders)": lambda: plain.run(["y"], plain_feeds),
+                "GroupQueryAttention, beams as heads": lambda: gqa_session.run_with_iobinding(binding)},
+               {}, rounds=40)
+
+
+def rows() -> None:
+    """MatMulNBits (8 bits, blocks of 256, int8 compute) chained through 12 MLP pairs
+    (768 -> 3072 -> 768) at 1-4 rows: the bytes stay the same, the time does not."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng, layers, block = np.random.default_rng(0), 12, 256
+    nodes, inits, prev = [], [], "x"
+    for i in range(2 * layers):
+        k, n = (768, 3072) if i % 2 == 0 else (3072, 768)
+        w = (rng.standard_normal((n, k // block, block)) * 0.02).astype(np.float32)
+        scales = (np.abs(w).max(axis=2) / 127).astype(np.float32)
+        codes = (np.clip(np.rint(w / scales[..., None]), -127, 127) + 128).astype(np.uint8)
+        inits += [numpy_helper.from_array(codes, f"w{i}"), numpy_helper.from_array(scales.reshape(-1), f"s{i}")]
+        nodes.append(helper.make_node("MatMulNBits", [prev, f"w{i}", f"s{i}"], [f"h{i}"], domain="com.microsoft",
+                                      K=k, N=n, bits=8, block_size=block, accuracy_level=4))
+        prev = f"h{i}"
+    graph = helper.make_graph(nodes, "rows", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 768])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+    megabytes = sum(i.raw_data.__len__() for i in inits if i.name.startswith("w")) / 1e6
+    feeds = {m: {"x": rng.standard_normal((m, 768)).astype(np.float32)} for m in (1, 2, 3, 4)}
+    print(f"{2 * layers} chained MatMulNBits, {megabytes:.0f} MB of int8 weights:")
+    runs = {f"{m} row(s)": (lambda f=f: session.run(None, f)) for m, f in feeds.items()}
+    _alternate(runs, {}, rounds=25)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -288,6 +409,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=12)
     sub.add_parser("gqa").add_argument("--past", type=int, default=10)
     sub.add_parser("head").add_argument("--vocab", type=int, default=50257)
+    sub.add_parser("xattn").add_argument("--keys", type=int, default=577)
+    sub.add_parser("rows")
     args = ap.parse_args(argv)
     if args.command == "profile":
         profile(args.module, args.past)
@@ -295,6 +418,10 @@ def main(argv=None) -> int:
         captions(args.bundles, args.rounds)
     elif args.command == "gqa":
         gqa(args.past)
+    elif args.command == "xattn":
+        xattn(args.keys)
+    elif args.command == "rows":
+        rows()
     else:
         head(args.vocab)
     return 0
