@@ -553,9 +553,9 @@ def prepack_tied_head(graph) -> int:
     embedding table in the external data file (location, offset and length alike: nothing more on
     disk). onnxruntime maps external data from the file; it prepacks the head's copy once and lets
     the mapping go, while the embedding's Gather keeps reading the mapped table, of which only the
-    rows looked up stay resident: the same steady memory as before (BLIP-base's decoder: 1,040 MB of
-    RSS either way; +40 MB at the peak, while the session is created). A table stored inside the
-    .onnx file is left alone (its bytes would be written twice)."""
+    rows looked up stay resident: the same steady memory as before (a BLIP-base captioning process:
+    1,040 MB of RSS either way; +40 MB at the peak, while the sessions are created). A table stored
+    inside the .onnx file is left alone (its bytes would be written twice)."""
     from onnx import TensorProto
 
     g = _Graph(graph)
