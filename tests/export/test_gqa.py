@@ -128,6 +128,12 @@ def test_the_calibrated_decoder_runs_gqa_on_the_cpu_and_standard_ops_on_cuda(bli
     standard = [n.op_type for n in onnx.load(str(blip_int8_bundle / cuda["file"]), load_external_data=False).graph.node]
     assert ops.count("GroupQueryAttention") == layers and "GroupQueryAttention" not in standard
     assert ops.count("MatMulNBits") == standard.count("MatMulNBits") > 0
+    # the head left float (no --int8-head) is prepacked on the CPU, from the float table's own bytes
+    from edgerun.export.simplify import PREPACKED_HEAD
+
+    heads = [i for i in onnx.load(str(blip_int8_bundle / cpu["file"]), load_external_data=False).graph.initializer
+             if i.name.endswith(PREPACKED_HEAD)]
+    assert len(heads) == 1 and heads[0].external_data[0].value == "decoder.int8.onnx.data"
     parsed = Manifest.from_dict(manifest)
     assert select_module(parsed, "decoder", "cuda")[0] == "decoder@cuda"
     assert select_module(parsed, "decoder", "cpu")[0] == "decoder"
