@@ -29,13 +29,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runtime.kvcache import GQA_STEP_INPUTS, gqa_cache_names
-from .simplify import _attr, _Graph, _perm, drop_dead_nodes, prepack_tied_head, readers_of
+from .simplify import _attr, _Graph, _perm, drop_dead_nodes, readers_of
 
 NEG_FILL = -1e4  # a masked score at or below this is as good as -inf after the softmax
 CACHE_TYPE = "gqa"  # the manifest's cache type of a rewritten decoder (edgerun.runtime.kvcache)
 CACHE_LAYOUT = "per layer: row,head,time,dim"
 TOLERANCE = 1e-4  # a decoder and its rewrite, relative to the logits: rounding differences only
-CPU_TAG = "cpu"  # an exported float decoder's GQA variant, `NAME@cpu`
 
 
 @dataclass
@@ -349,34 +348,3 @@ def _float_error(path: str, mtime_ns: int, layers: int, heads: int, head_dim: in
 def rewritten_dims(dims: dict) -> dict:
     """The manifest's cache entry of a decoder once rewritten."""
     return {**dims, "type": CACHE_TYPE, "layout": CACHE_LAYOUT}
-
-
-def add_cpu_variants(folder, modules: dict, progress=lambda msg: None) -> dict:
-    """For each time-major decoder among `modules` (name -> ModuleSpec, files in `folder`): its
-    GroupQueryAttention rewrite as `NAME@cpu` (file `NAME.cpu.onnx`, the same weights file, a tied
-    LM head prepacked: `simplify.prepack_tied_head`), when it gives the decoder's logits within
-    TOLERANCE; the decoder itself then serves the other backends
-    (onnxruntime's CUDA provider has no float32 GroupQueryAttention; TensorRT parses standard ops
-    only). Returns the modules with the variants added."""
-    from dataclasses import replace
-    from pathlib import Path
-
-    import onnx
-
-    from .onnx import io_specs
-
-    out = dict(modules)
-    for name, spec in modules.items():
-        dims = spec.extra.get("cache") or {}
-        model = checked_rewrite(Path(folder) / spec.file, dims, name, progress) if "cpu" in spec.backends else None
-        if model is None:
-            continue
-        file = f"{name}.{CPU_TAG}.onnx"
-        if prepack_tied_head(model.graph):
-            progress(f"{name}: the tied LM head prepacked for the CPU (the table's bytes named twice, held once)")
-        onnx.save_model(model, str(Path(folder) / file))  # reads the decoder's own weights file
-        inputs, outputs = io_specs(Path(folder) / file)
-        out[name] = replace(spec, backends=tuple(b for b in spec.backends if b != "cpu"))
-        out[f"{name}@{CPU_TAG}"] = replace(spec, file=file, inputs=inputs, outputs=outputs, backends=("cpu",),
-                                           extra={**spec.extra, "cache": rewritten_dims(dims), "variant_of": name})
-    return out

@@ -85,9 +85,9 @@ def write_graphs(exporter, folder: Path, *, opset: int, external_data_bytes: int
 def module_specs(folder: Path, specs, diffs: dict[str, float], module_extra: dict,
                  progress: Callable[[str], None] = lambda msg: None) -> dict[str, ModuleSpec]:
     """Manifest entries of the written graphs: interface read back from the files, the exporter's
-    metadata per graph, and the measured parity; a KV-cache decoder also gets its CPU variant with
-    GroupQueryAttention self-attention (edgerun.export.gqa.add_cpu_variants)."""
-    from .gqa import add_cpu_variants
+    metadata per graph, and the measured parity; a KV-cache decoder and an encoder with
+    self-attention also get their onnxruntime CPU variants (edgerun.export.cpu_variants)."""
+    from .cpu_variants import add_cpu_variants
 
     modules = {}
     for spec in specs:

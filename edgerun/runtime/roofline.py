@@ -13,7 +13,8 @@ Work per stage, what the achieved rates divide:
 - encoders (compute-bound): FLOPs of every MatMul/Gemm/Conv (and their integer and quantized
   forms), 2 x multiply-adds, from the shapes onnxruntime reports when it profiles one call of the
   module on the real feeds with graph optimisations off (so nodes are the exported ones).
-  Attention score products are MatMuls and are counted; elementwise ops, Softmax and norms are not.
+  Attention score products are MatMuls and are counted, fused (MultiHeadAttention) or not;
+  elementwise ops, Softmax and norms are not.
 - decoder steps (memory-bound): the bytes of the module on disk (its weights, stored once) plus
   the bytes of every tensor fed to the step (self-attention cache, cross-attention K/V, ids).
 """
@@ -232,6 +233,9 @@ def node_flops(op: str, inputs: list[list[int]], outputs: list[list[int]]) -> in
     if op in _CONVS | {"QLinearConv"}:
         weight = inputs[3] if op == "QLinearConv" else inputs[1]
         return 2 * out * math.prod(weight[1:])  # (C_out, C_in / groups, kh, kw)
+    if op == "MultiHeadAttention" and len(inputs) > 1 and len(inputs[1]) in (3, 4):
+        keys = inputs[1][1] if len(inputs[1]) == 3 else inputs[1][2]  # key (B, L, D) or (B, heads, L, head_dim)
+        return 4 * out * keys  # q.k^T and p.v: 2 x (B, S, D) x L multiply-adds
     return 0
 
 

@@ -167,7 +167,7 @@ def test_single_task_export_and_bad_requests(family, tmp_path):
     report = export_checkpoint(f"ckpt:{f.ckpt}", "caption", tmp_path / "caption")
     manifest = edgerun.load(report.path).manifest
     assert list(manifest.tasks) == ["caption"]
-    assert set(manifest.modules) == {"vision", "cross_kv", "decoder", "decoder@cpu"}  # + the GQA CPU variant
+    assert set(manifest.modules) == {"vision", "vision@cpu", "cross_kv", "decoder", "decoder@cpu"}  # + CPU variants
     assert manifest.modules["decoder@cpu"].backends == ("cpu",) and "cpu" not in manifest.modules["decoder"].backends
     with pytest.raises(UnsupportedModelError, match="cannot be exported for task 'vqa'; it serves: caption"):
         export_checkpoint(f"ckpt:{family('tiny-cnn-lstm').ckpt}", "vqa", tmp_path / "x")

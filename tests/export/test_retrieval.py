@@ -103,7 +103,8 @@ def test_bundle_layout_and_manifest(clip, blip):
     b = open_bundle(blip.bundle, verify="full").manifest
     assert b.tasks["retrieval"].modules == ("vision", "image_proj", "text_embed", "itm")
     assert {k: m.extra["role"] for k, m in b.modules.items()} == {
-        "vision": "image_encoder", "image_proj": "image_embedder", "text_embed": "text_embedder", "itm": "itm"}
+        "vision": "image_encoder", "image_proj": "image_embedder", "text_embed": "text_embedder", "itm": "itm",
+        "vision@cpu": "image_encoder"}  # its attention fused for onnxruntime's CPU provider
     itm = b.modules["itm"]
     assert [t.name for t in itm.inputs] == ["image_features", "input_ids", "attention_mask"]
     assert itm.inputs[0].shape[0] == "batch" and itm.inputs[1].shape == ("rows", "seq")
