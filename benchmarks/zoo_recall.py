@@ -38,6 +38,7 @@ single most probable class.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -75,8 +76,6 @@ def line(name: str, m: dict[str, float]) -> str:
 
 def subsets(photos: list[Photo]) -> dict[str, list[int]]:
     """The photo sets a test may see, by which optional sources are installed."""
-    import itertools
-
     out = {"all": list(range(len(photos)))}
     optional = ("darknet", "matplotlib", "opencv")
     for k in (1, 2, 3):
