@@ -7,6 +7,7 @@ bundles alternating, and two isolated kernel comparisons.
     python benchmarks/graph_probe.py head [--vocab 50257]   # tied LM head: through a Reshape vs prepacked
     python benchmarks/graph_probe.py xattn [--keys 577]  # 12 cross-attentions: decomposed vs GroupQueryAttention
     python benchmarks/graph_probe.py rows                # MatMulNBits chained at 1-4 rows
+    python benchmarks/graph_probe.py transposed          # the same chain as W^T x^T with MatMulInteger
 
 `profile` feeds random inputs (3 rows, one new token, the given past, batch 1; 384 px for an image
 input unless its size is fixed; a GroupQueryAttention decoder's cache bound in place as the runtime
@@ -398,6 +399,48 @@ def rows() -> None:
     _alternate(runs, {}, rounds=25)
 
 
+def transposed() -> None:
+    """The chain of `rows` as y^T = W^T x^T: the weights as MatMulInteger's first operand, which
+    onnxruntime's integer GEMM streams once for all the rows (the activations, 1-3 columns,
+    quantized per call), against MatMulNBits taking the rows in pairs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng, layers = np.random.default_rng(0), 12
+    c = numpy_helper.from_array
+    variants = {}
+    for kind in ("u8 weights x s8 activations", "s8 weights x s8 activations"):
+        nodes, prev = [], "xT"
+        inits = [c(np.array(127, np.float32), "c127"), c(np.array(0, np.int8), "z8"), c(np.array(128, np.uint8), "z128")]
+        for i in range(2 * layers):
+            k, n = (768, 3072) if i % 2 == 0 else (3072, 768)
+            w = (rng.standard_normal((n, k)) * 0.02).astype(np.float32)
+            s = (np.abs(w).max(axis=1) / 127).astype(np.float32)
+            q = np.clip(np.rint(w / s[:, None]), -127, 127)
+            unsigned = kind.startswith("u8")
+            inits += [c((q + 128).astype(np.uint8) if unsigned else q.astype(np.int8), f"w{i}"), c(s[:, None], f"s{i}")]
+            nodes += [helper.make_node("Abs", [prev], [f"a{i}"]),
+                      helper.make_node("ReduceMax", [f"a{i}"], [f"m{i}"], keepdims=0),
+                      helper.make_node("Div", [f"m{i}", "c127"], [f"qs{i}"]),
+                      helper.make_node("QuantizeLinear", [prev, f"qs{i}", "z8"], [f"q{i}"]),
+                      helper.make_node("MatMulInteger", [f"w{i}", f"q{i}"] + (["z128"] if unsigned else []), [f"y{i}"]),
+                      helper.make_node("Cast", [f"y{i}"], [f"f{i}"], to=TensorProto.FLOAT),
+                      helper.make_node("Mul", [f"s{i}", f"qs{i}"], [f"ss{i}"]),
+                      helper.make_node("Mul", [f"f{i}", f"ss{i}"], [f"h{i}"])]
+            prev = f"h{i}"
+        graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("xT", TensorProto.FLOAT, [768, "m"])],
+                                  [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        variants[kind] = ort.InferenceSession(model.SerializeToString(), _options(), providers=["CPUExecutionProvider"])
+    runs = {}
+    for kind, session in variants.items():
+        for m in (1, 3):
+            feed = {"xT": rng.standard_normal((768, m)).astype(np.float32)}
+            runs[f"{kind}, {m} row(s)"] = lambda s=session, f=feed: s.run(None, f)
+    print("24 chained products as W^T x^T (MatMulInteger), 57 MB of int8 weights; compare `rows`:")
+    _alternate(runs, {}, rounds=25)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -411,6 +454,7 @@ def main(argv=None) -> int:
     sub.add_parser("head").add_argument("--vocab", type=int, default=50257)
     sub.add_parser("xattn").add_argument("--keys", type=int, default=577)
     sub.add_parser("rows")
+    sub.add_parser("transposed")
     args = ap.parse_args(argv)
     if args.command == "profile":
         profile(args.module, args.past)
@@ -422,6 +466,8 @@ def main(argv=None) -> int:
         xattn(args.keys)
     elif args.command == "rows":
         rows()
+    elif args.command == "transposed":
+        transposed()
     else:
         head(args.vocab)
     return 0
