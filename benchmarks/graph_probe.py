@@ -8,6 +8,7 @@ bundles alternating, and two isolated kernel comparisons.
     python benchmarks/graph_probe.py xattn [--keys 577]  # 12 cross-attentions: decomposed vs GroupQueryAttention
     python benchmarks/graph_probe.py rows                # MatMulNBits chained at 1-4 rows
     python benchmarks/graph_probe.py transposed          # the same chain as W^T x^T with MatMulInteger
+    python benchmarks/graph_probe.py load MODULE.onnx    # session creation, with and without prepacking
 
 `profile` feeds random inputs (3 rows, one new token, the given past, batch 1; 384 px for an image
 input unless its size is fixed; a GroupQueryAttention decoder's cache bound in place as the runtime
@@ -441,6 +442,32 @@ def transposed() -> None:
     _alternate(runs, {}, rounds=25)
 
 
+def load(path: Path, rounds: int = 3) -> None:
+    """Creating a session of `path` as the runtime does (all optimizations, 2 threads), against
+    the same with basic optimizations only and with weight prepacking off: where a cold start's
+    load time goes."""
+    import onnxruntime as ort
+
+    def made(level, prepack: bool = True) -> float:
+        so = _options()
+        so.graph_optimization_level = level
+        so.enable_cpu_mem_arena = False
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        start = time.perf_counter()
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return time.perf_counter() - start
+
+    levels = ort.GraphOptimizationLevel
+    times = {"all optimizations": [], "basic only": [], "no prepacking": []}
+    for _ in range(rounds):
+        times["all optimizations"].append(made(levels.ORT_ENABLE_ALL))
+        times["basic only"].append(made(levels.ORT_ENABLE_BASIC))
+        times["no prepacking"].append(made(levels.ORT_ENABLE_ALL, prepack=False))
+    print(f"{path.name}: session creation, medians of {rounds}: "
+          + ", ".join(f"{k} {np.median(v):.3f} s" for k, v in times.items()))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -455,6 +482,7 @@ def main(argv=None) -> int:
     sub.add_parser("xattn").add_argument("--keys", type=int, default=577)
     sub.add_parser("rows")
     sub.add_parser("transposed")
+    sub.add_parser("load").add_argument("module", type=Path)
     args = ap.parse_args(argv)
     if args.command == "profile":
         profile(args.module, args.past)
@@ -468,6 +496,8 @@ def main(argv=None) -> int:
         rows()
     elif args.command == "transposed":
         transposed()
+    elif args.command == "load":
+        load(args.module)
     else:
         head(args.vocab)
     return 0
