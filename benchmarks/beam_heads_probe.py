@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgerun.export.simplify import _attr, _Graph, _perm, drop_dead_nodes, readers_of
+from edgerun.export import gqa
+from edgerun.export.simplify import _attr, _perm, drop_dead_nodes
 from edgerun.runtime.kvcache import GqaDecoderInference
 
 CROSS_INPUTS = ("cross_seqlens_k", "cross_total_sequence_length", "cross_bias")
@@ -49,19 +50,10 @@ class _Cross:
     anchor: object  # the node whose place the GroupQueryAttention takes (the merging Reshape)
 
 
-class _Matcher:
+class _Matcher(gqa._Matcher):  # only_reader, producer: the self-attention rewrite's
     def __init__(self, graph):
-        self.g = _Graph(graph)
-        self.readers = readers_of(graph)
+        super().__init__(graph, 0, 0)
         self.inputs = {i.name for i in graph.input}
-
-    def only_reader(self, name: str, op: str):
-        nodes = self.readers.get(name, [])
-        return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op else None
-
-    def producer(self, name: str, op: str):
-        node = self.g.producer.get(name)
-        return node if node is not None and node.op_type == op else None
 
     def unsqueezed(self, node) -> bool:
         """Whether `node` is Unsqueeze(x, axes=[2])."""
