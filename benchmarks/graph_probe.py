@@ -3,6 +3,7 @@ bundles alternating, and two isolated kernel comparisons.
 
     python benchmarks/graph_probe.py profile MODULE.onnx [--past 10]     # a decoder step or an encoder, by op type
     python benchmarks/graph_probe.py captions BUNDLE_A BUNDLE_B [--rounds 12]   # alternating captions
+    python benchmarks/graph_probe.py captions BUNDLE --general   # its beam-heads decoder against its general one
     python benchmarks/graph_probe.py gqa [--past 10]     # 12 self-attentions: decomposed vs GroupQueryAttention
     python benchmarks/graph_probe.py head [--vocab 50257]   # tied LM head: through a Reshape vs prepacked
     python benchmarks/graph_probe.py xattn [--keys 577]  # 12 cross-attentions: decomposed vs GroupQueryAttention
@@ -108,7 +109,9 @@ def profile(path: Path, past: int) -> None:
         print(f"  {op:26s} {us / calls / 1e3:7.2f} ms  x{count[op] // calls}")
 
 
-def captions(bundles: list[Path], rounds: int) -> None:
+def captions(bundles: list[Path], rounds: int, general: bool = False) -> None:
+    """`general`: one bundle, captioned through its beam-heads decoder variant and through its
+    general CPU decoder (edgerun.export.beam_heads), alternating."""
     from skimage import data
 
     import edgerun
@@ -116,6 +119,13 @@ def captions(bundles: list[Path], rounds: int) -> None:
     image = data.astronaut()
     opts = {"num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 20}
     models = [edgerun.load(b, threads=2) for b in bundles]
+    if general:
+        plain = edgerun.load(bundles[0], threads=2)
+        variant = plain.decoder_variant("decoder", 1, 3)
+        if variant == "decoder":
+            raise SystemExit(f"{bundles[0]} has no beam-heads decoder for one image and 3 beams")
+        plain._runners[variant] = plain.runner("decoder")  # the call goes to the general decoder
+        models, bundles = [plain, *models], [Path(f"{bundles[0]} (general decoder)"), *bundles]
     first = [m.caption(image, **opts) for m in models]
     print("same tokens:", all(c.token_ids == first[0].token_ids for c in first),
           "scores:", [round(c.score, 6) for c in first])
@@ -475,8 +485,9 @@ def main(argv=None) -> int:
     p.add_argument("module", type=Path)
     p.add_argument("--past", type=int, default=10)
     p = sub.add_parser("captions")
-    p.add_argument("bundles", type=Path, nargs=2)
+    p.add_argument("bundles", type=Path, nargs="+")
     p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--general", action="store_true", help="one bundle: its beam-heads decoder against its general one")
     sub.add_parser("gqa").add_argument("--past", type=int, default=10)
     sub.add_parser("head").add_argument("--vocab", type=int, default=50257)
     sub.add_parser("xattn").add_argument("--keys", type=int, default=577)
@@ -487,7 +498,9 @@ def main(argv=None) -> int:
     if args.command == "profile":
         profile(args.module, args.past)
     elif args.command == "captions":
-        captions(args.bundles, args.rounds)
+        if len(args.bundles) != (1 if args.general else 2):
+            ap.error("captions takes two bundles, or one with --general")
+        captions(args.bundles, args.rounds, args.general)
     elif args.command == "gqa":
         gqa(args.past)
     elif args.command == "xattn":

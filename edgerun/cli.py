@@ -75,8 +75,8 @@ def caption(bundle, images, prompt, threads, as_json, **kwargs):
     from .runtime.model import load
 
     model = load(bundle, threads=threads)
-    model.warm(["caption"])  # its sessions, several at once
     options = _options(kwargs)
+    model.warm(["caption"], **options)  # its sessions, several at once
     for image in images:
         start = time.perf_counter()
         result = model.caption(image, prompt=prompt, **options)
@@ -102,9 +102,10 @@ def vqa(bundle, image, question, threads, as_json, **kwargs):
     from .runtime.model import load
 
     model = load(bundle, threads=threads)
-    model.warm(["vqa"])
+    options = _options(kwargs)
+    model.warm(["vqa"], **options)
     start = time.perf_counter()
-    result = model.answer(image, question, **_options(kwargs))
+    result = model.answer(image, question, **options)
     results = result if isinstance(result, list) else [result]
     if as_json:
         _print_json(image, results, model.last_timings, time.perf_counter() - start, question=question)

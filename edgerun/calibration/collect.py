@@ -136,7 +136,8 @@ class RunnerModel(Model):
         self._make_runner = make_runner
         self._own_runners: dict[str, object] = {}
 
-    def runner(self, module: str):
+    def runner(self, module: str, *, batch: int | None = None, beams: int | None = None):
+        """The module's runner; `batch` and `beams` pick nothing here: the files given serve every call."""
         if module not in self._own_runners:
             made = self._make_runner(self, module)
             if made is None:

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..bundle import Bundle, BundleWriter, open_bundle
 from ..errors import BundleError, EdgeRunError, OptionError, require
+from ..export import beam_heads, gqa
 from ..manifest import Manifest
 from . import accuracy, build, taskeval
 from .autosearch import FloatSearch
@@ -467,6 +468,12 @@ class _Job:
     def manifest(self, variants) -> Manifest:
         m = self.src.manifest
         modules = build.module_specs(m.modules, variants)
+        # a GroupQueryAttention decoder's beam-heads variants, the rewrite checked on its float twin
+        float_graphs = {s.extra["variant_of"]: self.src.file(s.file) for s in m.modules.values()
+                        if s.extra.get("variant_of") and not s.extra.get("when")
+                        and (s.extra.get("cache") or {}).get("type") == gqa.CACHE_TYPE}
+        beams = beam_heads.beam_counts((m.decoding or {}).get("generation", {}).get("num_beams"))
+        modules = beam_heads.add_beam_heads(self.out_dir, modules, beams, self.progress, float_graphs)
         provenance = {**m.provenance, "calibrated_from": str(self.src.path),
                       "calibrated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         return dataclasses.replace(m, modules=modules, files={}, provenance=provenance,

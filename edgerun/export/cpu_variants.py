@@ -7,7 +7,9 @@ CPU only, while the module's own graph keeps CUDA and onnxruntime-TensorRT:
   (edgerun.export.gqa), and its tied LM head prepacked (simplify.prepack_tied_head);
 - an encoder: its unmasked self-attentions fused into com.microsoft MultiHeadAttention
   (simplify.fuse_attention), what calibrate does for the INT8 onnxruntime variant. BLIP-base's
-  FP32 vision encoder: 579 -> 562 ms and 601 -> 587 ms in two alternating runs.
+  FP32 vision encoder: 579 -> 562 ms and 601 -> 587 ms in two alternating runs;
+- for such a decoder with unmasked cross-attention, `NAME@cpu-beamsG` for one image and G beams
+  (G in `beams`): the beams as the cross-attention's query heads (edgerun.export.beam_heads).
 
 com.microsoft ops are onnxruntime's own (TensorRT parses standard ops only; the CUDA provider has
 no float32 GroupQueryAttention), hence the separate files. A variant is kept only when it gives the
@@ -20,18 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from .beam_heads import BEAMS, add_beam_heads
 from .gqa import TOLERANCE, checked_rewrite, rewritten_dims
 from .simplify import fuse_attention, prepack_tied_head
 
 CPU_TAG = "cpu"
 
-
-def add_cpu_variants(folder, modules: dict, progress=lambda msg: None) -> dict:
+def add_cpu_variants(folder, modules: dict, progress=lambda msg: None, beams=BEAMS) -> dict:
     """`modules` (name -> ModuleSpec, files in `folder`) with the CPU variants above added where
     they apply; a module that gets one keeps its other backends."""
     import onnx
 
-    from .onnx import io_specs
+    from .simplify import io_specs
 
     out = dict(modules)
     for name, spec in modules.items():
@@ -55,7 +57,7 @@ def add_cpu_variants(folder, modules: dict, progress=lambda msg: None) -> dict:
         out[name] = replace(spec, backends=tuple(b for b in spec.backends if b != "cpu"))
         out[f"{name}@{CPU_TAG}"] = replace(spec, file=file, inputs=inputs, outputs=outputs, backends=("cpu",),
                                            extra=extra)
-    return out
+    return add_beam_heads(folder, out, beams, progress)
 
 
 def _fused_encoder(path: Path, name: str, progress):

@@ -1,8 +1,8 @@
 """torch module -> ONNX file, one graph at a time, then checks on the file.
 
 Steps are small and named for what they turn into what: `export_graph` writes a file from a torch
-module, `check_graph` refuses what the runtime and TensorRT cannot use, `io_specs` reads the
-interface back for the manifest, `compare` measures an ONNX graph against its torch reference.
+module, `check_graph` refuses what the runtime and TensorRT cannot use (`simplify.io_specs` reads
+the interface back for the manifest), `compare` measures an ONNX graph against its torch reference.
 """
 from __future__ import annotations
 
@@ -118,24 +118,6 @@ def check_graph(model, name: str) -> None:
         if digest in seen:
             raise ExportError(f"graph {name} stores the weights {seen[digest]} and {t.name} twice")
         seen[digest] = t.name
-
-
-_ONNX_DTYPES = {1: "float32", 10: "float16", 11: "float64", 7: "int64", 6: "int32", 3: "int8",
-                2: "uint8", 9: "bool"}
-
-
-def io_specs(path: Path) -> tuple[list[dict], list[dict]]:
-    """Inputs and outputs of an ONNX file as manifest entries: name, dtype, shape (ints or names)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-
-    def spec(value) -> dict:
-        t = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim]
-        return {"name": value.name, "dtype": _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": dims}
-
-    return [spec(v) for v in model.graph.input], [spec(v) for v in model.graph.output]
 
 
 def compare(name: str, got: dict[str, np.ndarray], want: dict[str, np.ndarray], atol: float) -> float:

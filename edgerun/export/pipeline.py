@@ -16,7 +16,8 @@ from ..manifest import Manifest, ModuleSpec, TaskSpec
 from ..runtime.onnxrt import OnnxRuntimeRunner
 from ..runtime.preprocess import PreprocessConfig
 from . import hf
-from .onnx import EXTERNAL_DATA_BYTES, export_graph, io_specs
+from .onnx import EXTERNAL_DATA_BYTES, export_graph
+from .simplify import io_specs
 
 
 @dataclass
@@ -83,10 +84,12 @@ def write_graphs(exporter, folder: Path, *, opset: int, external_data_bytes: int
 
 
 def module_specs(folder: Path, specs, diffs: dict[str, float], module_extra: dict,
-                 progress: Callable[[str], None] = lambda msg: None) -> dict[str, ModuleSpec]:
+                 progress: Callable[[str], None] = lambda msg: None, default_beams: int = 1) -> dict[str, ModuleSpec]:
     """Manifest entries of the written graphs: interface read back from the files, the exporter's
     metadata per graph, and the measured parity; a KV-cache decoder and an encoder with
-    self-attention also get their onnxruntime CPU variants (edgerun.export.cpu_variants)."""
+    self-attention also get their onnxruntime CPU variants (edgerun.export.cpu_variants), a decoder
+    one per beam count of `beam_heads.beam_counts(default_beams)`."""
+    from .beam_heads import beam_counts
     from .cpu_variants import add_cpu_variants
 
     modules = {}
@@ -96,7 +99,7 @@ def module_specs(folder: Path, specs, diffs: dict[str, float], module_extra: dic
                                         precision="fp32", backends=("cpu", "cuda", "ort-trt"),
                                         extra={**module_extra.get(spec.name, {}),
                                                "max_abs_diff": diffs.get(spec.name)})
-    return add_cpu_variants(folder, modules, progress)
+    return add_cpu_variants(folder, modules, progress, beam_counts(default_beams))
 
 
 def _verify(exporter, folder: Path, specs, atol: float | None) -> dict[str, float]:
@@ -152,8 +155,10 @@ def export(source: str, *, task: str, output: str | Path, opset: int = 17, revis
                                     atol=atol, progress=progress, stages=stages)
         tokenizer = hf.save_tokenizer(ckpt, writer.dir / "tokenizer.json")
         parts = exporter.manifest_parts(tokenizer)
-        modules = module_specs(writer.dir, specs, diffs, parts["module_extra"], progress)
-        decoding = {**parts["decoding"], "generation": hf.generation_defaults(ckpt)}
+        generation = hf.generation_defaults(ckpt)
+        modules = module_specs(writer.dir, specs, diffs, parts["module_extra"], progress,
+                               int(generation.get("num_beams") or 1))
+        decoding = {**parts["decoding"], "generation": generation}
         manifest = Manifest(
             tasks={k: TaskSpec(**v) for k, v in parts["tasks"].items()},
             modules=modules,

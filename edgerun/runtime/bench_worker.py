@@ -133,15 +133,16 @@ def edgerun_worker(spec: dict) -> dict:
     options, task = BenchOptions(**spec["options"]), spec["task"]
     model = load(spec["bundle"], backend=spec["backend"], threads=options.threads)
     decoders = decoder_modules(model, task)
-    model.warm([task])  # the sessions, made several at once (as `edge-run caption` does)
-    runners = {n: model.runner(n) for n in model.manifest.tasks[task].modules}
+    call = {"batch": options.batch, "beams": options.num_beams}
+    model.warm([task], batch=options.batch, num_beams=options.num_beams)  # several at once (as `edge-run caption` does)
+    runners = {n: model.runner(n, **call) for n in model.manifest.tasks[task].modules}
     loaded = time.time()
     job = (_RetrievalJob if task == "retrieval" else _GenerateJob)(model, task, options,
                                                                    _Inputs(spec["images"], options.batch))
     encoders = {k: r for k, r in runners.items() if k not in decoders}
     samples, modules, first = _timed_calls(job, options, encoders)
     rss = _peak_rss_bytes()
-    with captured_feeds(model, feeds_wanted(model, task, options.new_tokens)) as feeds:
+    with captured_feeds(model, feeds_wanted(model, task, options.new_tokens), **call) as feeds:
         job(0)  # once more, keeping feeds to count the work of each stage
     return _result(spec, (start, imported, loaded, first), samples, modules, job, peak_rss_bytes=rss,
                    work=stage_work(model, feeds, options.batch, options.threads), path=str(model.bundle.path),

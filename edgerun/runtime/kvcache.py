@@ -17,6 +17,13 @@ from ..errors import BundleError
 CACHE_TYPES = ("kv", "gqa", "rnn")
 STEP_INPUTS = ("input_ids", "past_key", "past_value")
 GQA_STEP_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length")  # edgerun.export.gqa
+# a decoder with the beams as cross-attention query heads (edgerun.export.beam_heads)
+CROSS_INPUTS = ("cross_seqlens_k", "cross_total_sequence_length", "cross_bias")
+
+
+def present_name(name: str) -> str:
+    """The output a beam-heads decoder writes its cross K/V input `name` back through."""
+    return f"present_{name}"
 
 
 def gqa_cache_names(layer: int) -> tuple[str, str, str, str]:
@@ -35,11 +42,13 @@ def decoder_feeds(runner, values: Mapping[str, np.ndarray], step_inputs) -> dict
 
 
 def make_inference(runner, values: Mapping[str, np.ndarray], batch: int, beams: int, capacity: int,
-                   cache: dict):
+                   cache: dict, spare: int = 0):
     """The decoder as decoding's `Inference`, by the manifest's cache layout `extra["cache"]`:
     "kv" (the default: a transformer's time-major self-attention K/V), "gqa" (the same cache per
-    layer, written in place by GroupQueryAttention: edgerun.export.gqa) or "rnn" (a recurrent
-    state, edgerun.runtime.rnncache). `values` holds what the modules before the decoder produced."""
+    layer, written in place by GroupQueryAttention: edgerun.export.gqa; with the beams as its
+    cross-attention heads too where the graph is made so, edgerun.export.beam_heads) or "rnn" (a
+    recurrent state, edgerun.runtime.rnncache). `values` holds what the modules before the decoder
+    produced; `spare`: slots its cross K/V have after the image's keys (`BeamHeadsInference`)."""
     kind = cache.get("type", "kv")
     if kind == "rnn":
         from .rnncache import RnnInference
@@ -58,9 +67,15 @@ def make_inference(runner, values: Mapping[str, np.ndarray], batch: int, beams: 
         if getattr(runner, "device_resident", False) or not hasattr(runner, "run_binding"):
             raise BundleError(f"decoder {runner.path.name} runs GroupQueryAttention, which edge-run runs with "
                               f"onnxruntime on the CPU only; use backend 'cpu' for this module")
-        own = {*GQA_STEP_INPUTS, *(name for i in range(cache["layers"]) for name in gqa_cache_names(i)[:2])}
-        return GqaDecoderInference(runner, decoder_feeds(runner, values, own), batch * beams, capacity, cache,
-                                   group=beams)
+        own = {*GQA_STEP_INPUTS, *CROSS_INPUTS, *(name for i in range(cache["layers"]) for name in gqa_cache_names(i)[:2])}
+        feeds = decoder_feeds(runner, values, own)
+        if CROSS_INPUTS[0] not in names:
+            return GqaDecoderInference(runner, feeds, batch * beams, capacity, cache, group=beams)
+        rows = next(i.shape[0] for i in runner.inputs if i.name == "input_ids")
+        if batch != 1 or beams != rows:
+            raise BundleError(f"decoder {runner.path.name} serves one image and {rows} beams (its beams are "
+                              f"cross-attention heads), not {batch} x {beams}; run the module's general variant")
+        return BeamHeadsInference(runner, feeds, beams, capacity, cache, group=beams, spare=spare)
     cross = decoder_feeds(runner, values, STEP_INPUTS)
     if getattr(runner, "device_resident", False):  # IO binding: the cache stays on the runner's device
         from .iobinding import DeviceDecoderInference
@@ -209,11 +224,11 @@ class GqaDecoderInference(DecoderInference):
             for past, present, buf in ((past_k, present_k, self._keys[i]), (past_v, present_v, self._values[i])):
                 binding.bind_input(past, "cpu", 0, np.float32, list(shape), buf.ctypes.data)
                 binding.bind_output(present, "cpu", 0, np.float32, list(shape), buf.ctypes.data)
+        self._binding = binding
         for name, array in self.cross.items():
             self.cross[name] = array = np.ascontiguousarray(array)  # the binding reads this memory
             binding.bind_cpu_input(name, array)
         binding.bind_output("logits", "cpu", 0, np.float32, list(self._out.shape), self._out.ctypes.data)
-        self._binding = binding
 
     def _step(self, ids: np.ndarray, past: int, new: int) -> np.ndarray:
         self._binding.bind_cpu_input("input_ids", ids)
@@ -235,3 +250,65 @@ class GqaDecoderInference(DecoderInference):
         for buffers in (self._keys, self._values):
             for buf in buffers:
                 buf[target, :, first:end] = buf[row, :, first:end]
+
+
+class BeamHeadsInference(GqaDecoderInference):
+    """A GroupQueryAttention decoder whose cross-attention is GroupQueryAttention too, the beams of
+    its one image as query heads (edgerun.export.beam_heads): for batch 1 and exactly the beam count
+    the graph was made for. Each cross K/V input sits in a buffer with spare slots after the
+    image's keys, bound as the input and as its `present_` output (the op writes a dummy K/V there,
+    which `cross_bias` masks); `cross_seqlens_k`, `cross_total_sequence_length` and `cross_bias`
+    follow the number of new tokens. `spare`: slots the given cross K/V already have after the keys
+    (Model._padded: the module that made them ran on its input with zero rows appended), used in
+    place; where they are too few, the K/V are copied into new buffers once."""
+
+    def __init__(self, runner, cross: dict[str, np.ndarray], rows: int, capacity: int, dims: dict,
+                 group: int | None = None, spare: int = 0):
+        outputs = {o.name for o in runner.outputs}
+        self._caches = [n for n in cross if present_name(n) in outputs]
+        shapes = {cross[n].shape for n in self._caches}
+        if not self._caches or len(shapes) != 1 or next(iter(shapes))[0] != 1:
+            raise BundleError(f"decoder {runner.path.name}: its beam-heads cross-attention serves one image, "
+                              f"got cross K/V of shapes {sorted(shapes)}")
+        self._keys_n = next(iter(shapes))[2] - spare
+        self._images = {n: cross.pop(n) for n in self._caches}  # the cross_kv outputs
+        self._spare = 0
+        self._given = spare
+        self._seqlens_x = np.zeros(1, np.int32)
+        self._total_x = np.zeros((), np.int32)
+        self._biases: dict[int, np.ndarray] = {}
+        super().__init__(runner, cross, rows, capacity, dims, group=group)
+        binding = self._binding
+        for name, array in ((CROSS_INPUTS[0], self._seqlens_x), (CROSS_INPUTS[1], self._total_x)):
+            binding.bind_input(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+            self.cross[name] = array
+
+    def _pad(self, spare: int) -> None:
+        """Buffers of the image's keys + `spare` slots, bound as past and present: the given ones
+        where they have the room, else copies."""
+        for name, image in self._images.items():
+            if spare <= self._given:
+                buf = np.ascontiguousarray(image)
+            else:
+                buf = np.zeros((*image.shape[:2], self._keys_n + spare, image.shape[3]), image.dtype)
+                buf[:, :, :self._keys_n] = image[:, :, :self._keys_n]
+            shape = buf.shape
+            self._binding.bind_input(name, "cpu", 0, buf.dtype, list(shape), buf.ctypes.data)
+            self._binding.bind_output(present_name(name), "cpu", 0, buf.dtype, list(shape), buf.ctypes.data)
+            self.cross[name] = buf
+        self._spare = max(spare, self._given)
+
+    def _step(self, ids: np.ndarray, past: int, new: int) -> np.ndarray:
+        if new > self._spare:
+            self._pad(new)
+        n = self._keys_n
+        self._seqlens_x[0] = n + new - 1
+        self._total_x[...] = n + new
+        bias = self._biases.get(new)
+        if bias is None:
+            bias = self._biases[new] = np.zeros((1, 1, new, n + new), np.float32)
+            bias[..., n:] = -np.inf
+        if self.cross.get(CROSS_INPUTS[2]) is not bias:
+            self._binding.bind_input(CROSS_INPUTS[2], "cpu", 0, bias.dtype, list(bias.shape), bias.ctypes.data)
+            self.cross[CROSS_INPUTS[2]] = bias
+        return super()._step(ids, past, new)

@@ -22,12 +22,12 @@ from ..bundle import open_bundle
 from ..errors import InputError, OptionError
 from .decoding import DecodingOptions, decode
 from .image import load_image
-from .kvcache import make_inference
+from .kvcache import CROSS_INPUTS, make_inference
 from .onnxrt import OnnxRuntimeRunner
 from .preprocess import PreprocessConfig, preprocess
 from .state import ImageState, check_state, encode_pixels, encoder_module, run_modules, task_chain
 from .tokenizer import Tokenizer
-from .variants import check_requirements, select_module
+from .variants import check_requirements, select_decoder, select_module
 
 
 @dataclass(frozen=True)
@@ -114,38 +114,58 @@ class Model:
 
         return itm_scores(self, image, texts, pixel_values=pixel_values)
 
-    def warm(self, tasks: Sequence[str] | None = None) -> None:
+    def warm(self, tasks: Sequence[str] | None = None, *, batch: int = 1, **options) -> None:
         """Create the sessions of `tasks` (default: every task) now rather than on first use, several
-        at once: loading weights and prepacking them is mostly single-threaded work."""
+        at once: loading weights and prepacking them is mostly single-threaded work. A decoder's
+        session is the one `batch` images decode with under the decoding `options` (the bundle's
+        defaults overridden, as caption() takes them): its variant for that call where it has one."""
         from concurrent.futures import ThreadPoolExecutor
 
         from .onnxrt import default_threads
 
         names = list(dict.fromkeys(m for t in (tasks or self.tasks) for m in self.manifest.tasks[self._require(t)].modules))
-        todo = [n for n in names if n not in self._runners]
+        beams = self._options(1, None, options).num_beams
+        keys = {n: (self.decoder_variant(n, batch, beams) if "cache" in self.bundle.module(n).extra else n)
+                for n in names}
+        todo = [n for n in names if keys[n] not in self._runners]
         if len(todo) <= 1:
             for name in todo:
-                self.runner(name)
+                self._runners[keys[name]] = self._new_runner(name, keys[name])
             return
         todo.sort(key=self.bundle.module_bytes, reverse=True)  # the longest loads start first
         with ThreadPoolExecutor(min(len(todo), default_threads())) as pool:
-            made = dict(zip(todo, pool.map(self._new_runner, todo)))
+            made = dict(zip([keys[n] for n in todo], pool.map(lambda n: self._new_runner(n, keys[n]), todo)))
         self._runners.update(made)
 
-    def runner(self, module: str) -> OnnxRuntimeRunner:
-        """The session of `module`, in the variant made for this backend (e.g. `vision@tensorrt`)."""
-        if module not in self._runners:
-            self._runners[module] = self._new_runner(module)
-        return self._runners[module]
+    def runner(self, module: str, *, batch: int | None = None, beams: int | None = None) -> OnnxRuntimeRunner:
+        """The session of `module`, in the variant made for this backend (e.g. `vision@tensorrt`);
+        for a decoder given `batch` and `beams`, in the variant made for exactly that call where
+        the bundle has one (`variants.select_decoder`). A module's variants are separate sessions."""
+        key = self.decoder_variant(module, batch, beams) if batch is not None else module
+        if key not in self._runners:
+            self._runners[key] = self._new_runner(module, key)
+        return self._runners[key]
 
-    def _new_runner(self, module: str):
+    def decoder_variant(self, module: str, batch: int, beams: int) -> str:
+        """The module name (`module` or a variant made for the call) that decodes `batch` images x
+        `beams` beams on this backend."""
+        if self.backend == "tensorrt":
+            return module
+        name, spec = select_decoder(self.manifest, module, self.backend, batch, beams)
+        return name if spec.extra.get("when") else module
+
+    def _new_runner(self, module: str, variant: str | None = None):
         """backend tensorrt: the module's engine (edgerun.runtime.trt); cuda and ort-trt: IO binding
-        on the device (edgerun.runtime.iobinding); cpu: a plain session."""
+        on the device (edgerun.runtime.iobinding); cpu: a plain session. `variant`: a variant of
+        `module` made for some calls only (`decoder_variant`)."""
         if self.backend == "tensorrt":
             from .trt import engine_runner
 
             return engine_runner(self.bundle, module)
-        name, spec = select_module(self.manifest, module, self.backend)
+        if variant is not None and variant != module:
+            name, spec = variant, self.manifest.modules[variant]
+        else:
+            name, spec = select_module(self.manifest, module, self.backend)
         check_requirements(name, spec)
         if self.backend == "cpu":
             return OnnxRuntimeRunner(self.bundle.file(spec.file), backend="cpu", threads=self.threads)
@@ -276,8 +296,10 @@ class Model:
         timings: dict = {"preprocess": 0.0}
         state = self._state("caption", images, pixel_values, state, timings)
         _check_one(state, one)
-        values = run_modules(self, middle, dict(state.values), timings)
-        hyps = self._decode(decoder, values, np.array([prompt_ids] * state.count), opts, timings)
+        values, spare = self._padded(decoder, middle, dict(state.values), state.count, opts.num_beams,
+                                     len(prompt_ids))
+        values = run_modules(self, middle, values, timings)
+        hyps = self._decode(decoder, values, np.array([prompt_ids] * state.count), opts, timings, spare)
         self.last_timings = timings
         return [self._results(h, opts, Caption) for h in hyps]
 
@@ -290,14 +312,34 @@ class Model:
             ids += self.tokenizer.encode(prompt, add_special_tokens=add)
         return ids
 
+    def _padded(self, decoder: str, middle: Sequence[str], values: dict, batch: int, beams: int,
+                new: int) -> tuple[dict, int]:
+        """(values, spare): where the decoder session for this call reads its cross K/V with spare
+        slots after the keys (edgerun.export.beam_heads) and the modules before it make them row by
+        row (the variant's `pad`: their input) and take any number of rows, that input with `new`
+        zero rows appended, so that the K/V come out with their spare slots; else `values` as
+        given and 0 (the decoder's inference then copies the K/V into buffers with the slots)."""
+        names = {i.name for i in self.runner(decoder, batch=batch, beams=beams).inputs}
+        pad = self.bundle.module(self.decoder_variant(decoder, batch, beams)).extra.get("pad")
+        rows = values.get(pad)
+        if CROSS_INPUTS[0] not in names or rows is None or rows.ndim != 3:
+            return values, 0
+        readers = [i for m in middle for i in self.runner(m).inputs if i.name == pad]
+        if not readers or any(isinstance(i.shape[1], int) for i in readers):
+            return values, 0
+        values[pad] = np.concatenate([rows, np.zeros((rows.shape[0], new, rows.shape[2]), rows.dtype)], axis=1)
+        return values, new
+
     def _decode(self, decoder_name: str, values: dict, prompt_ids: np.ndarray, opts: DecodingOptions,
-                timings: dict):
+                timings: dict, spare: int = 0):
         """Beam search with the decoder module `decoder_name`, fed from `values` (what the modules
-        before it produced: cross K/V, masks, an initial recurrent state)."""
-        decoder = self.runner(decoder_name)
+        before it produced: cross K/V, masks, an initial recurrent state). `spare`: slots after the
+        keys of the cross K/V in `values` (`_padded`)."""
+        batch = prompt_ids.shape[0]
+        decoder = self.runner(decoder_name, batch=batch, beams=opts.num_beams)
         cache = self.bundle.module(decoder_name).extra["cache"]
-        inference = _TimedInference(make_inference(decoder, values, prompt_ids.shape[0], opts.num_beams,
-                                                   prompt_ids.shape[1] + opts.max_new_tokens, cache))
+        inference = _TimedInference(make_inference(decoder, values, batch, opts.num_beams,
+                                                   prompt_ids.shape[1] + opts.max_new_tokens, cache, spare))
         start = time.perf_counter()
         d = self.manifest.decoding
         hyps = decode(inference, prompt_ids, opts, stop_ids=d["stop_ids"], pad_id=d.get("pad_id"))

@@ -264,9 +264,10 @@ def count_flops(path: str | Path, feeds: dict, threads: int | None = None) -> in
 
 
 @contextlib.contextmanager
-def captured_feeds(model, wanted: dict[str, tuple[int, ...]]):
-    """Yields {(module, call): copies of its feeds} for the wanted calls (0 = first) of each runner."""
-    got, runners = {}, {name: model.runner(name) for name in wanted}
+def captured_feeds(model, wanted: dict[str, tuple[int, ...]], batch: int | None = None, beams: int | None = None):
+    """Yields {(module, call): copies of its feeds} for the wanted calls (0 = first) of each runner,
+    the runners that decode `batch` images x `beams` beams where given (a decoder's variant for it)."""
+    got, runners = {}, {name: model.runner(name, batch=batch, beams=beams) for name in wanted}
     for name, runner in runners.items():
         def infer(feeds, *, check=True, _name=name, _inner=runner.infer):
             call = next(counters[_name])

@@ -4,7 +4,8 @@ A variant is a module of its own named `NAME@TAG` (`vision@tensorrt`: symmetric 
 ops for TensorRT) beside the module `NAME` that the tasks name; each lists the backends it is for
 in `backends`. `select_module` picks, for a backend, the first variant of `NAME` listing it; the
 module `NAME` itself when it lists the backend or when no variant does (a bundle without variants
-behaves as before).
+behaves as before). A variant whose manifest entry has `when` serves only the calls it names
+(`select_decoder`).
 """
 from __future__ import annotations
 
@@ -29,9 +30,21 @@ def select_module(manifest: Manifest, name: str, backend: str) -> tuple[str, Mod
         return name, base
     for variant in variants_of(manifest, name):
         spec = manifest.modules[variant]
-        if backend in spec.backends:
+        if backend in spec.backends and not spec.extra.get("when"):
             return variant, spec
     return name, base
+
+
+def select_decoder(manifest: Manifest, name: str, backend: str, batch: int, beams: int) -> tuple[str, ModuleSpec]:
+    """(module name, spec) that `backend` runs for decoder `name` on `batch` images x `beams` beams:
+    a variant made for exactly that call (its `when`, e.g. {"batch": 1, "beams": 3}: the beams as
+    cross-attention heads, edgerun.export.beam_heads) where there is one, else `select_module`'s."""
+    for variant in variants_of(manifest, name):
+        spec = manifest.modules[variant]
+        when = spec.extra.get("when")
+        if when and backend in spec.backends and (when.get("batch"), when.get("beams")) == (batch, beams):
+            return variant, spec
+    return select_module(manifest, name, backend)
 
 
 def at_least(version: str, minimum: str) -> bool:

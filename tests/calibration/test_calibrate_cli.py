@@ -120,7 +120,8 @@ def test_variants_cpu_writes_no_tensorrt_files(blip_bundle, images, tmp_path):
     manifest = json.loads((tmp_path / "cpu" / "manifest.json").read_text())
     assert manifest["quantization"]["variants"] == ["cpu"]
     # the decoder's CPU graph runs GroupQueryAttention; onnxruntime's CUDA provider gets the standard one
-    assert [m for m in manifest["modules"] if "@" in m] == ["decoder@cuda"]
+    # (and one image with 3 beams gets them as its cross-attention heads: edgerun.export.beam_heads)
+    assert [m for m in manifest["modules"] if "@" in m] == ["decoder@cuda", "decoder@cpu-beams3"]
     assert not [f for f in manifest["files"] if "tensorrt" in f or f.endswith(".cache")]
     assert {m["precision"] for m in manifest["modules"].values()} == {"int8"}
     bad = _run(blip_bundle, "--data", images, "-o", tmp_path / "trt", "--variants", "tensorrt")

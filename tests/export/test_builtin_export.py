@@ -167,7 +167,9 @@ def test_single_task_export_and_bad_requests(family, tmp_path):
     report = export_checkpoint(f"ckpt:{f.ckpt}", "caption", tmp_path / "caption")
     manifest = edgerun.load(report.path).manifest
     assert list(manifest.tasks) == ["caption"]
-    assert set(manifest.modules) == {"vision", "vision@cpu", "cross_kv", "decoder", "decoder@cpu"}  # + CPU variants
+    assert set(manifest.modules) == {"vision", "vision@cpu", "cross_kv", "decoder", "decoder@cpu",
+                                     "decoder@cpu-beams3"}  # + CPU variants (the last: beam_heads.py)
+    assert manifest.modules["decoder@cpu-beams3"].extra["pad"]  # its cross_kv takes any number of rows already
     assert manifest.modules["decoder@cpu"].backends == ("cpu",) and "cpu" not in manifest.modules["decoder"].backends
     with pytest.raises(UnsupportedModelError, match="cannot be exported for task 'vqa'; it serves: caption"):
         export_checkpoint(f"ckpt:{family('tiny-cnn-lstm').ckpt}", "vqa", tmp_path / "x")
