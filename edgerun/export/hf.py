@@ -127,7 +127,7 @@ def save_tokenizer(ckpt: HFCheckpoint, path: Path):
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise ExportError(f"the tokenizer of {ckpt.spec} ({type(tok).__name__}) has no tokenizer.json form")
-    backend.save(str(path))
+    backend.save(str(path), pretty=False)  # read by machines: a quarter smaller than the indented form
     return tok
 
 

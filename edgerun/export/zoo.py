@@ -162,7 +162,7 @@ def save_tokenizer(path: Path) -> None:
     tok = Tokenizer.from_file(str(zoo.text_folder() / "tokenizer.json"))
     tok.no_padding()
     tok.no_truncation()
-    tok.save(str(path))
+    tok.save(str(path), pretty=False)
 
 
 def weights_digest(files: list[Path]) -> str:

@@ -84,7 +84,7 @@ class WordTokenizer:
         return self._tok.to_str()
 
     def save(self, path: str | Path) -> Path:
-        self._tok.save(str(path))
+        self._tok.save(str(path), pretty=False)
         return Path(path)
 
     @property
