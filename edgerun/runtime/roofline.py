@@ -38,6 +38,7 @@ import numpy as np
 
 from .._verifycache import cache_dir
 from ..errors import OptionError
+from .variants import select_module
 
 MATMUL_DIM = 1536
 GEMV_DIM = 4096  # a (4096, 4096) float32 weight is 64 MiB
@@ -315,7 +316,10 @@ def stage_work(model, feeds: dict, batch: int, threads: int | None = None) -> di
         spec = model.bundle.module(name)
         if "cache" not in spec.extra:
             rows = max(len(next(iter(step.values()))), 1)
-            work[name] = {"flops": count_flops(model.bundle.file(spec.file), step, threads) * batch / rows}
+            # counted on the graph the CPU runs: its variant may take what the base does not (the
+            # cross K/V's spare rows for a beam-heads decoder) and counts the same products
+            graph = model.bundle.file(select_module(model.manifest, name, "cpu")[1].file)
+            work[name] = {"flops": count_flops(graph, step, threads) * batch / rows}
         else:
             read = model.bundle.module_bytes(name) + sum(a.nbytes for a in step.values())
             work["decoder_first" if call == 0 else "decoder_per_token"] = {"bytes": read}

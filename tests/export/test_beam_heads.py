@@ -131,3 +131,14 @@ def test_the_bench_counts_what_a_beam_heads_step_reads(blip_int8_bundle):
     work = stage_work(model, feeds, 1)
     assert work["decoder_per_token"]["bytes"] == model.bundle.module_bytes("decoder") + sum(
         v.nbytes for v in step.values())
+
+
+def test_the_bench_counts_the_padded_cross_kv_on_the_graph_that_ran(blip_bundle):
+    """cross_kv ran on 17 + 1 rows through its CPU copy; the base graph takes 17 only."""
+    from edgerun.runtime.roofline import captured_feeds, stage_work
+
+    model = edgerun.load(blip_bundle, threads=1)
+    with captured_feeds(model, {"cross_kv": (0,)}, batch=1, beams=3) as feeds:
+        model.caption(np.zeros((40, 40, 3), np.uint8), num_beams=3, max_new_tokens=3)
+    assert feeds[("cross_kv", 0)]["image_embeds"].shape == (1, 18, 24)
+    assert stage_work(model, feeds, 1)["cross_kv"]["flops"] > 0
