@@ -298,13 +298,20 @@ def check_gqa_decoder(path, dims: dict, *, rows: int = 2, prompt: int = 2, steps
     capacity = prompt + steps
     a = DecoderInference(standard, dict(cross), rows, capacity, dims, group=rows)
     b = GqaDecoderInference(rewritten, dict(cross), rows, capacity, dims, group=rows)
+    return logits_difference(a, b, rows, vocab, prompt, steps, rng)
+
+
+def logits_difference(a, b, rows: int, vocab: int, prompt: int, steps: int, rng) -> float:
+    """The largest difference between two decoders' logits (decoding `Inference`s), relative to
+    their magnitude, over a prompt of `prompt` random tokens and `steps` single-token steps of
+    `rows` rows, with a reorder that copies a row after the first step: both caches must move it alike."""
     worst = 0.0
     tokens = rng.integers(0, vocab, (rows, prompt))
     for step in range(steps + 1):
         ref, got = a.logits(tokens), b.logits(tokens)
         worst = max(worst, float(np.abs(ref - got).max() / max(1.0, float(np.abs(ref).max()))))
         tokens = rng.integers(0, vocab, (rows, 1))
-        if step == 1:  # a reorder that copies a row: both caches must move it alike
+        if step == 1:
             source = np.zeros(rows, np.int64)
             a.rearrange_kv_cache(source)
             b.rearrange_kv_cache(source)
