@@ -193,8 +193,6 @@ def check_beam_heads(path, dims: dict, beams: int, *, prompt: int = 2, steps: in
     rewrite's, relative to their magnitude, over a prompt of `prompt` tokens, `steps` single-token
     steps and a reorder, one image of `keys` keys and `beams` beams, each through the runtime's
     inference classes. Raises ValueError when no cross-attention matches."""
-    from pathlib import Path
-
     import onnx
 
     from ..runtime.kvcache import BeamHeadsInference, GqaDecoderInference
@@ -244,22 +242,24 @@ def add_beam_heads(folder, modules: dict, beams, progress=lambda msg: None, floa
         if cache.get("type") != gqa.CACHE_TYPE or "cpu" not in spec.backends or spec.extra.get("when"):
             continue
         base = spec.extra.get("variant_of", name)
-        check = Path(folder) / spec.file if spec.precision == "fp32" else (float_graphs or {}).get(base)
+        own = spec.precision == "fp32"  # else checked on its float twin, then applied to this graph
+        check = Path(folder) / spec.file if own else (float_graphs or {}).get(base)
         if check is None:
             continue
         for g in beams:
             if f"{base}@{TAG}{g}" in out:
                 continue  # made already (a float variant kept beside FP16 ones)
             try:
-                error, _ = check_beam_heads(check, cache, g)
+                error, model = check_beam_heads(check, cache, g)
             except ValueError:
                 break  # not the pattern: no beam count will match
             if error > gqa.TOLERANCE:
                 progress(f"{base}: beams not made cross-attention heads, its logits differ by {error:.2g}")
                 break
-            model = onnx.load(str(Path(folder) / spec.file), load_external_data=False)
-            if not beam_heads_decoder(model, heads=cache["heads"], head_dim=cache["head_dim"], beams=g):
-                break
+            if not own:
+                model = onnx.load(str(Path(folder) / spec.file), load_external_data=False)
+                if not beam_heads_decoder(model, heads=cache["heads"], head_dim=cache["head_dim"], beams=g):
+                    break
             file = f"{spec.file.removesuffix('.onnx')}-beams{g}.onnx"
             onnx.save_model(model, str(Path(folder) / file))  # the same weights file as spec's
             inputs, outputs = io_specs(Path(folder) / file)
